@@ -1,0 +1,3 @@
+from nvfp4q.cli import main
+
+main()

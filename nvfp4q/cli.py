@@ -1,0 +1,149 @@
+"""Command line: parse, call, report. Errors become one line on stderr and an exit code."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nvfp4q.errors import UserError, VerifyFailed
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Requantize f16/bf16/f32 GGUF models to NVFP4 for stock llama.cpp, and inspect the result.",
+)
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: unwinds through the clean-up like KeyboardInterrupt does."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
+def _on_signal(signum, _frame):
+    raise Interrupted(128 + signum)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"nvfp4q: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _type_option(value: Optional[str], option: str):
+    from nvfp4q.plan import parse_type
+
+    if value is None:
+        return None
+    try:
+        return parse_type(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=option) from None
+
+
+@app.command()
+def quantize(
+    src: Annotated[Path, typer.Argument(help="Source GGUF (f16, bf16 or f32; any part of a split model).")],
+    out: Annotated[Path, typer.Argument(help="Output GGUF.")],
+    imatrix: Annotated[Optional[Path], typer.Option(help="Importance matrix (llama-imatrix GGUF or legacy .dat).")] = None,
+    search: Annotated[int, typer.Option(min=0, max=126, help="Scale-code search window S; 0 = stock round-to-nearest.")] = 12,
+    weighting: Annotated[str, typer.Option(help="Error weight: 'importance' (imatrix value) or 'ggml' (importance * sqrt(sigma2 + x^2)).")] = "importance",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Worker threads (default: all cores).")] = None,
+    tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help="REGEX=TYPE override, repeatable, first match wins.")] = None,
+    output_tensor_type: Annotated[Optional[str], typer.Option(help="Type for output.weight.")] = None,
+    token_embedding_type: Annotated[Optional[str], typer.Option(help="Type for token_embd.weight.")] = None,
+    pure: Annotated[bool, typer.Option(help="NVFP4 for every quantizable tensor, embeddings and output included.")] = False,
+    leave_output_tensor: Annotated[bool, typer.Option(help="Keep output.weight as it is.")] = False,
+    include_weights: Annotated[Optional[list[str]], typer.Option("--include-weights", help="Use the imatrix only for tensors whose name contains this (repeatable).")] = None,
+    exclude_weights: Annotated[Optional[list[str]], typer.Option("--exclude-weights", help="Do not use the imatrix for tensors whose name contains this (repeatable).")] = None,
+    imatrix_strict: Annotated[bool, typer.Option(help="Fail if an NVFP4 tensor has no imatrix entry.")] = False,
+    allow_requantize: Annotated[bool, typer.Option(help="Accept already-quantized source tensors (quality suffers).")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and totals, write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only the final summary.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List tensors without imatrix data.")] = False,
+) -> None:
+    """Quantize SRC into OUT: 2D weights to NVFP4, embeddings and output to Q8_0."""
+    from nvfp4q import kernels, report
+    from nvfp4q.plan import Options, parse_tensor_type
+    from nvfp4q.quantize import Settings, check_paths, prepare, run
+
+    try:
+        patterns = tuple(parse_tensor_type(t) for t in tensor_type or ())
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--tensor-type") from None
+    if weighting not in ("importance", "ggml"):
+        raise typer.BadParameter("use 'importance' or 'ggml'", param_hint="--weighting")
+    opts = Options(
+        tensor_types=patterns,
+        output_tensor_type=_type_option(output_tensor_type, "--output-tensor-type"),
+        token_embedding_type=_type_option(token_embedding_type, "--token-embedding-type"),
+        pure=pure, leave_output_tensor=leave_output_tensor,
+    )
+    settings = Settings(
+        search=search, weighting=kernels.WEIGHT_GGML if weighting == "ggml" else kernels.WEIGHT_RAW,
+        imatrix=imatrix, imatrix_strict=imatrix_strict,
+        include_weights=tuple(include_weights or ()), exclude_weights=tuple(exclude_weights or ()),
+        allow_requantize=allow_requantize, overwrite=overwrite,
+    )
+    if threads:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        if not dry_run:
+            check_paths(src, out, overwrite)
+        job = prepare(src, opts, settings)
+        if dry_run:
+            report.plan_table(job)
+            return
+        if verbose:
+            for name in job.missing_importance:
+                print(f"nvfp4q: no imatrix data for {name}", file=sys.stderr)
+        with report.progress(job, enabled=not quiet and sys.stderr.isatty()) as on_tensor:
+            summary = run(job, out, settings, on_tensor)
+        report.summary(summary, out)
+    except UserError as e:
+        _fail(str(e), EXIT_FAILURE)
+    except OSError as e:
+        _fail(f"{e.filename or out}: {e.strerror or e}", EXIT_FAILURE)
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A model GGUF (any part of a split model) or an imatrix file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (schema: docs/inspect-json.md).")] = False,
+    tensors: Annotated[Optional[str], typer.Option(help="List tensors (or imatrix entries) whose name matches this regex.")] = None,
+    meta: Annotated[bool, typer.Option(help="List all metadata (long arrays summarised).")] = False,
+    verify: Annotated[bool, typer.Option(help="Decode every tensor and check it; exit 1 on a problem.")] = False,
+    against: Annotated[Optional[Path], typer.Option(help="Source GGUF to measure each tensor's error against.")] = None,
+    imatrix: Annotated[Optional[Path], typer.Option(help="Weight the --against error by this imatrix.")] = None,
+) -> None:
+    """Describe a GGUF model or imatrix: types, sizes, bits per weight, metadata; optionally verify it."""
+    from nvfp4q import inspect as insp
+
+    try:
+        doc = insp.describe(file, tensors_regex=tensors, meta=meta, verify=verify,
+                            against=against, imatrix_path=imatrix)
+    except VerifyFailed as e:
+        _fail(str(e), EXIT_FAILURE)
+    except UserError as e:
+        _fail(str(e), EXIT_USAGE)
+    insp.render(doc, as_json=json_out)
+    if doc.get("verify", {}).get("problems"):
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        app()
+    except Interrupted as e:
+        print("nvfp4q: interrupted", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(e.code)

@@ -1,0 +1,132 @@
+"""Importance matrices from llama-imatrix: the GGUF format and the legacy .dat format.
+
+Both become per-tensor importance vectors normalised as llama-quantize does, so the
+search weights columns exactly as llama.cpp users expect from their imatrix files.
+"""
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nvfp4q.errors import UserError
+
+GGUF_MAGIC = b"GGUF"
+_SUM2, _COUNTS = ".in_sum2", ".counts"
+
+
+@dataclass
+class Entry:
+    values: np.ndarray  # float32 [n_mat, ne0]: one importance vector per expert (1 for dense)
+    seen: np.ndarray  # bool [n_mat]: False where the expert was never activated (count 0)
+
+
+@dataclass
+class Imatrix:
+    path: Path
+    format: str  # "gguf" or "dat"
+    entries: dict[str, Entry]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+
+def load(path: Path) -> Imatrix:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such imatrix file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    imat = _load_gguf(path) if magic == GGUF_MAGIC else _load_dat(path)
+    for name, e in imat.entries.items():
+        if not np.all(np.isfinite(e.values)):
+            raise UserError(f"{path}: imatrix entry {name} has non-finite values")
+    return imat
+
+
+def _load_dat(path: Path) -> Imatrix:
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(data):
+            raise UserError(f"{path}: truncated legacy imatrix at byte {pos}")
+        out = struct.unpack_from(fmt, data, pos)
+        pos += size
+        return out
+
+    (n_entries,) = take("<i")
+    if n_entries <= 0 or n_entries > len(data) // 12:
+        raise UserError(f"{path}: not an imatrix file (entry count {n_entries})")
+    entries = {}
+    for _ in range(n_entries):
+        (name_len,) = take("<i")
+        if not 0 < name_len < 4096:
+            raise UserError(f"{path}: not an imatrix file (bad name length {name_len})")
+        name = bytes(take(f"<{name_len}s")[0]).decode("utf-8", "replace")
+        ncall, nval = take("<ii")
+        if nval <= 0:
+            raise UserError(f"{path}: entry {name} has {nval} values")
+        sums = np.array(take(f"<{nval}f"), dtype=np.float32)
+        values = sums / np.float32(ncall) if ncall > 0 else sums
+        entries[name] = Entry(values.reshape(1, -1).astype(np.float32), np.array([ncall > 0]))
+    imat = Imatrix(path, "dat", entries)
+    if pos < len(data):  # optional trailer: chunk count, dataset name
+        (imat.chunk_count,) = take("<i")
+        (ds_len,) = take("<i")
+        imat.datasets = [bytes(take(f"<{ds_len}s")[0]).decode("utf-8", "replace")]
+    return imat
+
+
+def _load_gguf(path: Path) -> Imatrix:
+    from nvfp4q.gguf_io import open_reader
+
+    reader = open_reader(path)
+
+    def key(name: str):
+        f = reader.get_field(name)
+        if f is None:
+            raise UserError(f"{path}: GGUF imatrix lacks the key {name}")
+        return f.contents()
+
+    datasets, chunk_count, chunk_size = key("imatrix.datasets"), key("imatrix.chunk_count"), key("imatrix.chunk_size")
+    tensors = {t.name: t for t in reader.tensors}
+    entries = {}
+    for name, t in tensors.items():
+        if not name.endswith(_COUNTS):
+            continue
+        base = name[: -len(_COUNTS)]
+        sums = tensors.get(base + _SUM2)
+        if sums is None:
+            raise UserError(f"{path}: {name} has no matching {base}{_SUM2}")
+        s = np.asarray(sums.data, dtype=np.float32).reshape(-1, int(sums.shape[0]))
+        c = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        if c.shape[0] != s.shape[0]:
+            raise UserError(f"{path}: {base}: {c.shape[0]} counts for {s.shape[0]} matrices")
+        seen = c > 0
+        values = np.where(seen[:, None], s / np.where(seen, c, 1)[:, None], np.float32(1))
+        entries[base] = Entry(values.astype(np.float32), seen)
+    for name in tensors:
+        if name.endswith(_SUM2) and name[: -len(_SUM2)] not in entries:
+            raise UserError(f"{path}: {name} has no matching counts")
+    return Imatrix(path, "gguf", entries, list(datasets), int(chunk_count), int(chunk_size))
+
+
+def for_tensor(imat: Imatrix, name: str, shape: tuple[int, ...]) -> Entry | None:
+    """The entry for a weight, checked against its shape (ne0 per expert), or None."""
+    entry = imat.entries.get(name)
+    if entry is None:
+        return None
+    ne0 = shape[0]
+    n_mat = shape[2] if len(shape) >= 3 else 1
+    got = entry.values.size
+    if got != ne0 * n_mat:
+        raise UserError(
+            f"imatrix entry {name} has {got} values, tensor needs {ne0 * n_mat} (ne0 {ne0} x {n_mat})"
+        )
+    if entry.values.shape[0] != n_mat:  # legacy files store experts as one flat vector
+        entry = Entry(entry.values.reshape(n_mat, ne0), np.repeat(entry.seen, n_mat))
+    return entry

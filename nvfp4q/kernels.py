@@ -1,0 +1,258 @@
+"""Block codecs: float32 rows in, GGUF block bytes out (and back).
+
+Kernels know nothing of files or tensors. Every arithmetic step is float32 in a
+fixed order so that results are byte-identical to ggml's C reference and do not
+depend on the thread count (rows are independent; see docs/kernels.md).
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+NVFP4_BLOCK = 64
+NVFP4_SUB = 16
+NVFP4_BYTES = 36
+Q8_0_BLOCK = 32
+Q8_0_BYTES = 34
+MAX_CODE = 0x7E
+MAX_SEARCH = 126
+
+WEIGHT_RAW = 0  # error weight = importance
+WEIGHT_GGML = 1  # error weight = importance * sqrt(sigma2 + x^2), ggml's k-quant convention
+
+# E2M1 magnitudes doubled (ggml's kvalues_mxfp4 for nibbles 0..7); nibble 8+i is -MAGS[i].
+MAGS = np.array([0, 1, 2, 3, 4, 6, 8, 12], dtype=np.float32)
+KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
+
+
+def _scale_table() -> np.ndarray:
+    """Decoded UE4M3 scale for all 256 codes (exact in float32), as ggml_ue4m3_to_fp32."""
+    table = np.zeros(256, dtype=np.float64)
+    for code in range(256):
+        if code in (0x00, 0x7F):
+            continue
+        e, m = (code >> 3) & 15, code & 7
+        raw = m * 2.0**-9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+        table[code] = raw * 0.5
+    return table.astype(np.float32)
+
+
+SCALES = _scale_table()
+
+
+@njit(cache=True)
+def scale_encode(x):
+    """ggml_fp32_to_ue4m3 for a float32 x: round half up on the 4th mantissa bit."""
+    if not (x > np.float32(0.0)):
+        return 0
+    if x > np.float32(448.0):
+        x = np.float32(448.0)
+    frac, exp2 = math.frexp(np.float64(x))  # x = frac * 2^exp2, frac in [0.5, 1), exact
+    exp = exp2 - 1 + 7
+    if exp <= 0:
+        man = int(x * np.float32(512.0) + np.float32(0.5))
+        return min(man, 7)
+    bits = int((frac * 2.0 - 1.0) * 16.0)  # top 4 mantissa bits, exact truncation
+    man = (bits >> 1) + (bits & 1)
+    if man > 7:
+        man = 0
+        exp += 1
+    if exp >= 15:
+        return MAX_CODE
+    return (exp << 3) | man
+
+
+@njit(cache=True, inline="always")
+def _nearest(x, d):
+    """Nibble of ggml's best_index_mxfp4(x, d): first minimum of |k*d - x| over k in table order."""
+    a = abs(x)
+    u = 0  # first magnitude index with MAGS[u]*d >= a, or 8 if none
+    while u < 8 and MAGS[u] * d < a:
+        u += 1
+    if u == 0:
+        return 0
+    best = u - 1
+    best_err = a - MAGS[best] * d
+    if u < 8 and MAGS[u] * d - a < best_err:
+        best = u
+    else:
+        # rounding can make neighbours below x tie; the scan keeps the first one
+        while best > 0 and a - MAGS[best - 1] * d <= best_err:
+            best -= 1
+    if best == 0 or x > np.float32(0.0):
+        return best
+    return best + 8
+
+
+@njit(cache=True, inline="always")
+def _sub_error(x, w, off, d, bound_err, bound_code, code):
+    """Weighted squared error of one sub-block at scale d, float32, j = 0..15 in order.
+
+    Stops early (returns +inf) once the partial sum proves the code cannot beat
+    (bound_err, bound_code); partial sums of non-negative float32 terms never decrease.
+    """
+    s = np.float32(0.0)
+    for j in range(NVFP4_SUB):
+        xj = x[off + j]
+        diff = xj - KVALUES[_nearest(xj, d)] * d
+        s += (w[off + j] * diff) * diff
+        if s > bound_err or (s == bound_err and code > bound_code):
+            return np.float32(np.inf)
+    return s
+
+
+@njit(cache=True)
+def _encode_row(x, w, search, out):
+    """One row of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes)."""
+    nblocks = x.shape[0] // NVFP4_BLOCK
+    for b in range(nblocks):
+        ob = b * NVFP4_BYTES
+        for s in range(4):
+            off = b * NVFP4_BLOCK + s * NVFP4_SUB
+            amax = np.float32(0.0)
+            for j in range(NVFP4_SUB):
+                v = abs(x[off + j])
+                if amax < v:
+                    amax = v
+            base = scale_encode(amax / np.float32(6.0))
+            code = base
+            if search > 0 and amax > np.float32(0.0):
+                best_err = np.float32(np.inf)
+                best_err = _sub_error(x, w, off, SCALES[base], best_err, MAX_CODE + 1, base)
+                lo = max(1, base - search)
+                hi = min(MAX_CODE, base + search)
+                # nearest codes first: a good bound early prunes the far ones
+                for step in range(1, search + 1):
+                    for c in (base - step, base + step):
+                        if c < lo or c > hi:
+                            continue
+                        err = _sub_error(x, w, off, SCALES[c], best_err, code, c)
+                        if err < best_err or (err == best_err and c < code):
+                            best_err = err
+                            code = c
+            d = SCALES[code]
+            out[ob + s] = code
+            for j in range(8):
+                lo_n = _nearest(x[off + j], d)
+                hi_n = _nearest(x[off + j + 8], d)
+                out[ob + 4 + s * 8 + j] = lo_n | (hi_n << 4)
+
+
+@njit(cache=True)
+def _row_weights(x, importance, weighting, w):
+    n = x.shape[0]
+    sigma2 = np.float32(0.0)
+    if weighting == WEIGHT_GGML:
+        for j in range(n):
+            sigma2 += x[j] * x[j]
+        sigma2 = sigma2 / np.float32(n)
+    for j in range(n):
+        imp = importance[j] if importance.shape[0] > 0 else np.float32(1.0)
+        if weighting == WEIGHT_GGML:
+            w[j] = imp * np.sqrt(sigma2 + x[j] * x[j])
+        else:
+            w[j] = imp
+
+
+@njit(cache=True, parallel=True)
+def _encode_nvfp4(x, importance, search, weighting, out):
+    for r in prange(x.shape[0]):
+        w = np.empty(x.shape[1], dtype=np.float32)
+        _row_weights(x[r], importance, weighting, w)
+        _encode_row(x[r], w, search, out[r])
+
+
+def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW):
+    """float32 [rows, cols] -> uint8 [rows, cols // 64 * 36] NVFP4 blocks.
+
+    search is the scale-code window S; importance (cols float32) weights the error.
+    With search 0 the importance is irrelevant and the bytes are ggml's reference.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    if cols % NVFP4_BLOCK:
+        raise ValueError(f"NVFP4 needs a multiple of {NVFP4_BLOCK} columns, got {cols}")
+    if not 0 <= search <= MAX_SEARCH:
+        raise ValueError(f"search window must be in 0..{MAX_SEARCH}, got {search}")
+    imp = np.empty(0, np.float32) if importance is None else np.ascontiguousarray(importance, np.float32)
+    if imp.shape[0] not in (0, cols):
+        raise ValueError(f"importance has {imp.shape[0]} values for {cols} columns")
+    out = np.empty((rows, cols // NVFP4_BLOCK * NVFP4_BYTES), dtype=np.uint8)
+    _encode_nvfp4(x, imp, search, weighting, out)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _decode_nvfp4(blocks, out):
+    nblocks = blocks.shape[1] // NVFP4_BYTES
+    for r in prange(blocks.shape[0]):
+        for b in range(nblocks):
+            ib = b * NVFP4_BYTES
+            for s in range(4):
+                d = SCALES[blocks[r, ib + s]]
+                o = b * NVFP4_BLOCK + s * NVFP4_SUB
+                for j in range(8):
+                    q = blocks[r, ib + 4 + s * 8 + j]
+                    out[r, o + j] = KVALUES[q & 15] * d
+                    out[r, o + j + 8] = KVALUES[q >> 4] * d
+
+
+def dequantize_nvfp4(blocks):
+    """uint8 [rows, nbytes] NVFP4 blocks -> float32 [rows, nbytes // 36 * 64]."""
+    blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
+    out = np.empty((blocks.shape[0], blocks.shape[1] // NVFP4_BYTES * NVFP4_BLOCK), np.float32)
+    _decode_nvfp4(blocks, out)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _encode_q8_0(x, d_out, q_out):
+    nblocks = x.shape[1] // Q8_0_BLOCK
+    for r in prange(x.shape[0]):
+        for b in range(nblocks):
+            off = b * Q8_0_BLOCK
+            amax = np.float32(0.0)
+            for j in range(Q8_0_BLOCK):
+                amax = max(amax, abs(x[r, off + j]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+            d_out[r, b] = d
+            for j in range(Q8_0_BLOCK):
+                v = x[r, off + j] * inv
+                m = np.floor(np.float64(abs(v)) + 0.5)  # roundf: half away from zero, exact
+                q_out[r, off + j] = np.int8(m if v >= 0 else -m)
+
+
+def quantize_q8_0(x):
+    """float32 [rows, cols] -> uint8 [rows, cols // 32 * 34] Q8_0 blocks (fp16 d, 32 int8)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    if cols % Q8_0_BLOCK:
+        raise ValueError(f"Q8_0 needs a multiple of {Q8_0_BLOCK} columns, got {cols}")
+    nb = cols // Q8_0_BLOCK
+    d = np.empty((rows, nb), np.float32)
+    q = np.empty((rows, cols), np.int8)
+    _encode_q8_0(x, d, q)
+    out = np.empty((rows, nb, Q8_0_BYTES), np.uint8)
+    out[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    out[:, :, 2:] = q.view(np.uint8).reshape(rows, nb, Q8_0_BLOCK)
+    return out.reshape(rows, nb * Q8_0_BYTES)
+
+
+def dequantize_q8_0(blocks):
+    """uint8 [rows, nbytes] Q8_0 blocks -> float32 [rows, nbytes // 34 * 32]."""
+    rows = blocks.shape[0]
+    b = np.ascontiguousarray(blocks, np.uint8).reshape(rows, -1, Q8_0_BYTES)
+    d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
+    q = b[:, :, 2:].view(np.int8).astype(np.float32)
+    return (q * d).reshape(rows, -1)
+
+
+def find_nonfinite(x):
+    """(row, col) of the first NaN or Inf in a 2D array, or None."""
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return None
+    row, col = np.unravel_index(int(np.argmax(bad)), x.shape)
+    return int(row), int(col)

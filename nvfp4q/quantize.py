@@ -1,0 +1,187 @@
+"""The quantize job: plan, then stream tensors from the source GGUF into the output GGUF."""
+
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from nvfp4q import gguf_io, imatrix, kernels
+from nvfp4q.errors import UserError
+from nvfp4q.plan import Options, Step, file_type_of, make_plan
+
+SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
+QUANTIZATION_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    search: int = 12
+    weighting: int = kernels.WEIGHT_RAW
+    imatrix: Path | None = None
+    imatrix_strict: bool = False
+    include_weights: tuple[str, ...] = ()
+    exclude_weights: tuple[str, ...] = ()
+    allow_requantize: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class Job:
+    """What a run will do: the plan plus which tensors get importance data."""
+
+    model: gguf_io.Model
+    plan: list[Step]
+    imat: imatrix.Imatrix | None
+    importance: dict[str, imatrix.Entry]
+    missing_importance: list[str]
+
+    @property
+    def nbytes_out(self) -> int:
+        return sum(s.nbytes for s in self.plan)
+
+    @property
+    def n_weights(self) -> int:
+        return sum(int(np.prod(s.tensor.shape)) for s in self.plan)
+
+
+@dataclass
+class Summary:
+    types: Counter = field(default_factory=Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    n_weights: int = 0
+    seconds: float = 0.0
+    missing_importance: int = 0
+
+
+def _wants_importance(name: str, s: Settings) -> bool:
+    if s.include_weights:
+        return any(p in name for p in s.include_weights)
+    return not any(p in name for p in s.exclude_weights)
+
+
+def prepare(src: Path, opts: Options, s: Settings) -> Job:
+    """Open and check everything before a byte is written: a bad input fails early and clean."""
+    if s.include_weights and s.exclude_weights:
+        raise UserError("--include-weights and --exclude-weights cannot be used together")
+    model = gguf_io.open_model(src)
+    try:
+        plan = make_plan([t.info for t in model.tensors], model.arch, opts)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for step, t in zip(plan, model.tensors):
+        if step.converts:
+            gguf_io.check_convertible(t, s.allow_requantize)
+    imat = imatrix.load(s.imatrix) if s.imatrix else None
+    importance, missing = {}, []
+    for step in plan:
+        if step.type != T.NVFP4:
+            continue
+        name = step.tensor.name
+        entry = imatrix.for_tensor(imat, name, step.tensor.shape) if imat else None
+        if entry is not None and _wants_importance(name, s):
+            importance[name] = entry
+        elif imat is not None:
+            missing.append(name)
+    if missing and s.imatrix_strict:
+        raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
+    return Job(model, plan, imat, importance, missing)
+
+
+def check_paths(src: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and src.exists() and os.path.samefile(src, out):
+        raise UserError(f"{out}: output would overwrite the input")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: exists (pass --overwrite to replace it)")
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: no such directory")
+
+
+def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings) -> np.ndarray:
+    if step.type == T.NVFP4:
+        return kernels.quantize_nvfp4(rows, importance, s.search, s.weighting)
+    if step.type == T.Q8_0:
+        return kernels.quantize_q8_0(rows)
+    if step.type == T.F16:
+        return rows.astype(np.float16)
+    if step.type == T.BF16:
+        return gguf_io.f32_to_bf16(rows)
+    return rows.astype(np.float32)
+
+
+def convert_tensor(job: Job, index: int, s: Settings) -> np.ndarray:
+    """One tensor's output bytes, converted slab by slab (a slab never crosses an expert)."""
+    step, t = job.plan[index], job.model.tensors[index]
+    if not step.converts:
+        return t.raw_rows()
+    ne0 = step.tensor.shape[0]
+    per_expert = step.tensor.shape[1] if len(step.tensor.shape) >= 2 else 1
+    entry = job.importance.get(step.tensor.name)
+    slab = max(1, min(per_expert, SLAB_BYTES // (4 * ne0)))
+    out = None
+    for first in range(0, t.rows, per_expert):
+        expert = first // per_expert
+        imp = entry.values[expert] if entry is not None and entry.seen[expert] else None
+        for start in range(first, first + per_expert, slab):
+            stop = min(start + slab, first + per_expert)
+            rows = gguf_io.to_float32(t, start, stop, s.allow_requantize)
+            bad = kernels.find_nonfinite(rows)
+            if bad is not None:
+                r, c = bad
+                raise UserError(
+                    f"tensor {step.tensor.name}: non-finite value {rows[r, c]} at row {start + r}, column {c}"
+                )
+            enc = _encode(step, rows, imp, s).view(np.uint8).reshape(stop - start, -1)
+            if out is None:
+                out = np.empty((t.rows, enc.shape[1]), np.uint8)
+            out[start:stop] = enc
+    return out
+
+
+def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
+    g = w.gguf
+    gguf_io.copy_metadata(g, job.model.fields)
+    g.add_file_type(file_type_of(job.plan))
+    g.add_quantization_version(QUANTIZATION_VERSION)
+    g.add_uint32("nvfp4q.search", s.search)
+    g.add_string("nvfp4q.weighting", "ggml" if s.weighting == kernels.WEIGHT_GGML else "importance")
+    if job.imat is not None:
+        g.add_string("quantize.imatrix.file", str(job.imat.path))
+        if job.imat.datasets:
+            g.add_string("quantize.imatrix.dataset", job.imat.datasets[0])
+        g.add_int32("quantize.imatrix.entries_count", len(job.imat.entries))
+        g.add_int32("quantize.imatrix.chunks_count", job.imat.chunk_count)
+
+
+def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = lambda step: None) -> Summary:
+    """Write the output beside OUT under a temporary name and rename it when complete."""
+    started = time.perf_counter()
+    free = shutil.disk_usage(out.parent).free
+    if free < job.nbytes_out:
+        raise UserError(f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {job.nbytes_out / 1e9:.2f} GB")
+    summary = Summary(bytes_in=job.model.nbytes, n_weights=job.n_weights,
+                      missing_importance=len(job.missing_importance))
+    with gguf_io.temporary_beside(out) as tmp:
+        w = gguf_io.Writer(tmp, job.model.arch, job.model.alignment)
+        try:
+            add_metadata(w, job, s)
+            for step in job.plan:
+                w.add_tensor_info(step.tensor.name, step.tensor.shape, step.type, step.nbytes)
+            w.begin_data()
+            for i, step in enumerate(job.plan):
+                w.write_tensor(convert_tensor(job, i, s))
+                summary.types[step.type.name] += 1
+                on_tensor(step)
+        finally:
+            w.close()
+    summary.bytes_out = out.stat().st_size
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,101 @@
+"""Brute-force NumPy definition of the NVFP4 scale search (docs/kernels.md), slow on purpose.
+
+Every candidate code is tried, every element scans all 16 values: nothing pruned, so the
+fast kernel can be checked against the plain definition.
+"""
+
+import struct
+
+import numpy as np
+
+KV = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
+
+
+def decode_scale(code: int) -> np.float32:
+    if code in (0, 0x7F):
+        return np.float32(0)
+    e, m = (code >> 3) & 15, code & 7
+    raw = m * 2.0**-9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+    return np.float32(raw * 0.5)
+
+
+def encode_scale(x: np.float32) -> int:
+    """ggml_fp32_to_ue4m3, transcribed bit by bit."""
+    x = np.float32(x)
+    if not x > 0:
+        return 0
+    x = min(x, np.float32(448))
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    exp = ((bits >> 23) & 0xFF) - 127 + 7
+    if exp <= 0:
+        return min(int(np.float32(x * np.float32(512)) + np.float32(0.5)), 7)
+    if exp >= 15:
+        return 0x7E
+    man = ((bits >> 20) & 7) + ((bits >> 19) & 1)
+    if man > 7:
+        man, exp = 0, exp + 1
+        if exp >= 15:
+            return 0x7E
+    return (exp << 3) | man
+
+
+SCALES = np.array([decode_scale(c) for c in range(256)], dtype=np.float32)
+
+
+def nearest(sub: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Index of the first minimum of |KV*d - x| (float32), as ggml's best_index_mxfp4."""
+    err = np.abs(KV[None, None, :] * d[:, None, None] - sub[:, :, None])
+    return np.argmin(err, axis=2)
+
+
+def sub_errors(sub: np.ndarray, w: np.ndarray, d: np.ndarray) -> np.ndarray:
+    q = KV[nearest(sub, d)] * d[:, None]
+    diff = sub - q
+    terms = (w * diff) * diff
+    total = np.zeros(sub.shape[0], dtype=np.float32)
+    for j in range(sub.shape[1]):
+        total = total + terms[:, j]
+    return total
+
+
+def weights(x: np.ndarray, importance: np.ndarray | None, ggml_style: bool) -> np.ndarray:
+    imp = np.ones(x.shape[1], np.float32) if importance is None else importance.astype(np.float32)
+    if not ggml_style:
+        return np.broadcast_to(imp, x.shape).astype(np.float32)
+    sigma2 = np.add.accumulate(x * x, axis=1, dtype=np.float32)[:, -1] / np.float32(x.shape[1])
+    return (imp[None, :] * np.sqrt(sigma2[:, None] + x * x)).astype(np.float32)
+
+
+def quantize_nvfp4(x, importance=None, search=0, ggml_style=False) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    sub = x.reshape(-1, 16)
+    w = weights(x, importance, ggml_style).reshape(-1, 16)
+    amax = np.abs(sub).max(axis=1)
+    base = np.array([encode_scale(a / np.float32(6)) for a in amax], dtype=np.int64)
+    code = base.copy()
+    best = sub_errors(sub, w, SCALES[base])
+    if search > 0:
+        for c in range(1, 0x7F):
+            err = sub_errors(sub, w, np.full(len(sub), SCALES[c], np.float32))
+            ok = (c >= base - search) & (c <= base + search) & (c != base) & (amax > 0)
+            better = ok & ((err < best) | ((err == best) & (c < code)))
+            code = np.where(better, c, code)
+            best = np.where(better, err, best)
+    nib = nearest(sub, SCALES[code]).astype(np.uint8)
+    packed = nib[:, :8] | (nib[:, 8:] << 4)
+    blocks = np.concatenate(
+        [code.astype(np.uint8).reshape(-1, 4), packed.reshape(-1, 32)], axis=1
+    )
+    return blocks.reshape(rows, cols // 64 * 36)
+
+
+def sub_block_errors(x, blocks, w) -> np.ndarray:
+    """Weighted squared error per 16-sub-block of NVFP4 blocks against x (float64)."""
+    b = blocks.reshape(-1, 36)
+    d = SCALES[b[:, :4]].reshape(-1)
+    qs = b[:, 4:].reshape(-1, 8)
+    nib = np.concatenate([qs & 15, qs >> 4], axis=1)
+    q = KV[nib].astype(np.float64) * d[:, None]
+    diff = np.asarray(x, np.float64).reshape(-1, 16) - q
+    return (np.asarray(w, np.float64).reshape(-1, 16) * diff * diff).sum(axis=1)

@@ -1,0 +1,184 @@
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+import ggml_oracle as ggml
+import reference as ref
+from nvfp4q import kernels as K
+
+
+def _bf16(x):
+    return (x.astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
+
+
+def _midpoints(rng, rows):
+    """Sub-blocks whose scale is known exactly, with elements on rounding midpoints."""
+    out = np.zeros((rows, 64), np.float32)
+    mags = K.MAGS
+    for r in range(rows):
+        for s in range(4):
+            code = int(rng.integers(1, 0x78))
+            d = ref.SCALES[code]
+            sub = out[r, 16 * s:16 * s + 16]
+            sub[0] = 12 * d  # amax / 6 == 2d encodes back to code
+            for j in range(1, 16):
+                i = int(rng.integers(0, 7))
+                sub[j] = (mags[i] + mags[i + 1]) / 2 * d * rng.choice([-1, 1])
+    return out
+
+
+def datasets():
+    rng = np.random.default_rng(1234)
+    normal = rng.normal(0, 0.02, (32, 256)).astype(np.float32)
+    heavy = (rng.standard_t(2.5, (32, 256)) * 0.01).astype(np.float32)
+    zeros = normal.copy()
+    zeros[:, 16:48] = 0
+    zeros[3] = 0
+    return {
+        "normal_f16": normal.astype(np.float16).astype(np.float32),
+        "heavy_bf16": _bf16(heavy),
+        "zero_subblocks": zeros,
+        "subnormal_scales": (normal * 1e-3).astype(np.float32),
+        "tiny": rng.normal(0, 1e-7, (8, 128)).astype(np.float32),
+        "huge": (rng.normal(0, 1, (8, 128)) * 6 * 448 * 4).astype(np.float32),
+        "midpoints": _midpoints(rng, 16),
+        "row_64": rng.normal(0, 1, (4, 64)).astype(np.float32),
+        "wide": rng.normal(0, 0.05, (3, 4096)).astype(np.float16).astype(np.float32),
+    }
+
+
+DATA = datasets()
+
+
+@pytest.mark.parametrize("name", DATA)
+def test_rtn_is_byte_identical_to_ggml(name):
+    x = DATA[name]
+    assert np.array_equal(K.quantize_nvfp4(x, search=0), ggml.quantize(ggml.NVFP4, x))
+
+
+@pytest.mark.parametrize("name", DATA)
+def test_rtn_ignores_importance_like_ggml(name):
+    x = DATA[name]
+    imp = np.random.default_rng(0).uniform(0.1, 10, x.shape[1]).astype(np.float32)
+    assert np.array_equal(K.quantize_nvfp4(x, imp, search=0), ggml.quantize(ggml.NVFP4, x, imp))
+
+
+@pytest.mark.parametrize("name", DATA)
+def test_q8_0_is_byte_identical_to_ggml(name):
+    x = DATA[name]
+    ours = K.quantize_q8_0(x)
+    assert np.array_equal(ours, ggml.quantize(ggml.Q8_0, x))
+    assert np.array_equal(K.dequantize_q8_0(ours), ggml.dequantize(ggml.Q8_0, ours, x.shape[1]))
+
+
+def test_q8_0_rounds_half_away_from_zero():
+    # d = 127/127 = 1, so elements are rounded as is: ggml's roundf, not banker's rounding
+    x = np.zeros((1, 32), np.float32)
+    x[0, :6] = [127, 0.5, 1.5, 2.5, -0.5, -2.5]
+    assert np.array_equal(K.quantize_q8_0(x), ggml.quantize(ggml.Q8_0, x))
+    q = K.quantize_q8_0(x)[0, 2:8].view(np.int8)
+    assert q.tolist() == [127, 1, 2, 3, -1, -3]
+
+
+def _every_code_and_nibble():
+    """Blocks covering all 256 scale bytes with all 16 nibbles in each sub-block."""
+    codes = np.arange(256, dtype=np.uint8).reshape(-1, 4)
+    nib = np.arange(16, dtype=np.uint8)
+    qs = np.tile(nib[:8] | (nib[8:] << 4), (len(codes), 4))
+    return np.concatenate([codes, qs], axis=1).reshape(1, -1)
+
+
+def test_decode_matches_ggml_and_gguf_for_every_byte_pattern():
+    blocks = _every_code_and_nibble()
+    cols = blocks.shape[1] // 36 * 64
+    ours = K.dequantize_nvfp4(blocks)
+    assert np.array_equal(ours, ggml.dequantize(ggml.NVFP4, blocks, cols))
+    theirs = gguf_dequantize(blocks, GGMLQuantizationType.NVFP4).reshape(1, -1)
+    assert np.array_equal(ours, theirs)
+
+
+def test_scale_encode_matches_bit_transcription():
+    rng = np.random.default_rng(7)
+    xs = np.concatenate([
+        rng.uniform(0, 1, 2000), 10.0 ** rng.uniform(-12, 4, 4000),
+        [0, -1, np.nan, np.inf, 448, 449, 1e30, 0.5 / 512, 0.5 / 512 - 1e-12, 7.5 / 512, 2.0**-6],
+        ref.SCALES[:0x7F] * 2, (ref.SCALES[1:0x7F] + ref.SCALES[:0x7E]),  # exact codes, midpoints
+    ]).astype(np.float32)
+    assert [K.scale_encode(x) for x in xs] == [ref.encode_scale(x) for x in xs]
+
+
+@pytest.mark.parametrize("search", [1, 4, 12, 126])
+@pytest.mark.parametrize("imp", [False, True])
+@pytest.mark.parametrize("name", ["normal_f16", "heavy_bf16", "zero_subblocks", "midpoints", "huge", "subnormal_scales"])
+def test_search_equals_bruteforce(name, search, imp):
+    x = DATA[name]
+    importance = None
+    if imp:
+        importance = np.random.default_rng(5).gamma(0.5, 2, x.shape[1]).astype(np.float32)
+    expected = ref.quantize_nvfp4(x, importance, search)
+    assert np.array_equal(K.quantize_nvfp4(x, importance, search), expected)
+
+
+@pytest.mark.parametrize("search", [4, 12])
+def test_search_ggml_weighting_equals_bruteforce(search):
+    x = DATA["heavy_bf16"]
+    importance = np.random.default_rng(6).gamma(0.5, 2, x.shape[1]).astype(np.float32)
+    got = K.quantize_nvfp4(x, importance, search, weighting=K.WEIGHT_GGML)
+    assert np.array_equal(got, ref.quantize_nvfp4(x, importance, search, ggml_style=True))
+    assert not np.array_equal(got, K.quantize_nvfp4(x, importance, search))
+
+
+@pytest.mark.parametrize("name", DATA)
+def test_search_never_worse_than_rtn_per_sub_block(name):
+    x = DATA[name]
+    imp = np.random.default_rng(8).gamma(0.5, 2, x.shape[1]).astype(np.float32)
+    w = np.broadcast_to(imp, x.shape)
+    rtn = ref.sub_block_errors(x, K.quantize_nvfp4(x, search=0), w)
+    for s in (1, 12):
+        err = ref.sub_block_errors(x, K.quantize_nvfp4(x, imp, s), w)
+        assert np.all(err <= rtn * (1 + 1e-6) + 1e-30)
+
+
+def test_window_12_is_within_half_a_percent_of_full_window():
+    rng = np.random.default_rng(9)
+    # real-like: f16-rounded weights whose scale varies by row and column, heavy-tailed importance
+    x = (rng.standard_t(5, (256, 512)) * rng.uniform(0.005, 0.05, (256, 1))).astype(np.float16)
+    x = x.astype(np.float32)
+    imp = rng.lognormal(0, 1.5, 512).astype(np.float32)
+    w = np.broadcast_to(imp, x.shape)
+    e12 = ref.sub_block_errors(x, K.quantize_nvfp4(x, imp, 12), w).sum()
+    e126 = ref.sub_block_errors(x, K.quantize_nvfp4(x, imp, 126), w).sum()
+    e0 = ref.sub_block_errors(x, K.quantize_nvfp4(x, imp, 0), w).sum()
+    assert e126 <= e12 <= e126 * 1.005
+    assert e12 < e0
+
+
+def test_bytes_do_not_depend_on_thread_count():
+    x = DATA["wide"].repeat(8, axis=0) * np.linspace(0.5, 2, 24, dtype=np.float32)[:, None]
+    imp = np.random.default_rng(3).uniform(0.5, 2, x.shape[1]).astype(np.float32)
+    results = []
+    for n in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(n)
+        results.append((K.quantize_nvfp4(x, imp, 12), K.quantize_q8_0(x), K.dequantize_nvfp4(K.quantize_nvfp4(x))))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
+def test_nonfinite_is_located():
+    x = np.zeros((4, 64), np.float32)
+    assert K.find_nonfinite(x) is None
+    x[2, 17] = np.inf
+    x[3, 1] = np.nan
+    assert K.find_nonfinite(x) == (2, 17)
+
+
+def test_bad_shapes_and_windows_are_rejected():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        K.quantize_nvfp4(np.zeros((1, 32), np.float32))
+    with pytest.raises(ValueError, match="0..126"):
+        K.quantize_nvfp4(np.zeros((1, 64), np.float32), search=127)
+    with pytest.raises(ValueError, match="importance"):
+        K.quantize_nvfp4(np.zeros((1, 64), np.float32), np.ones(32, np.float32), 4)
