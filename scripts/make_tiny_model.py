@@ -1,8 +1,9 @@
 """Write a tiny llama-architecture f16 GGUF that stock llama.cpp loads and runs.
 
 Random weights, a small SentencePiece-style vocabulary with byte fallback, and
-per-layer FFN widths chosen so that ffn_down exercises both shape fallbacks
-(ne0 % 64 != 0 -> Q8_0, ne0 % 32 != 0 -> F16).
+widths chosen so that both shape fallbacks occur: the FFN width is 32- but not
+64-aligned (ffn_down -> Q8_0), and heads * head_dim is not 32-aligned
+(attn_output -> F16).
 
     python scripts/make_tiny_model.py DIR [--embd 256 --layers 4 --vocab 512 --seed 0]
 """
@@ -31,28 +32,20 @@ def vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def ffn_widths(layers: int, embd: int) -> list[int]:
-    """Mostly 2*embd, with one width that is 32- but not 64-aligned and one that is neither."""
-    widths = [2 * embd] * layers
-    widths[0] = 2 * embd + 32
-    if layers > 1:
-        widths[1] = 2 * embd + 16
-    return widths
-
-
 def make(path: Path, embd: int = 256, layers: int = 4, vocab_size: int = 512, seed: int = 0,
-         heads: int = 4, kv_heads: int = 2) -> Path:
+         heads: int = 4, kv_heads: int = 2, head_dim: int = 36) -> Path:
     rng = np.random.default_rng(seed)
-    head_dim = embd // heads
-    widths = ffn_widths(layers, embd)
+    n_ff = 2 * embd + 32
     w = GGUFWriter(path, "llama")
     w.add_name("nvfp4q tiny llama")
     w.add_context_length(256)
     w.add_embedding_length(embd)
     w.add_block_count(layers)
-    w.add_feed_forward_length(widths)
+    w.add_feed_forward_length(n_ff)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(1)  # MOSTLY_F16
@@ -74,14 +67,14 @@ def make(path: Path, embd: int = 256, layers: int = 4, vocab_size: int = 512, se
     for i in range(layers):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", np.ones(embd, np.float32))
-        w.add_tensor(b + "attn_q.weight", weight(embd, embd))
+        w.add_tensor(b + "attn_q.weight", weight(heads * head_dim, embd))
         w.add_tensor(b + "attn_k.weight", weight(kv_heads * head_dim, embd))
         w.add_tensor(b + "attn_v.weight", weight(kv_heads * head_dim, embd))
-        w.add_tensor(b + "attn_output.weight", weight(embd, embd))
+        w.add_tensor(b + "attn_output.weight", weight(embd, heads * head_dim))
         w.add_tensor(b + "ffn_norm.weight", np.ones(embd, np.float32))
-        w.add_tensor(b + "ffn_gate.weight", weight(widths[i], embd))
-        w.add_tensor(b + "ffn_up.weight", weight(widths[i], embd))
-        w.add_tensor(b + "ffn_down.weight", weight(embd, widths[i]))
+        w.add_tensor(b + "ffn_gate.weight", weight(n_ff, embd))
+        w.add_tensor(b + "ffn_up.weight", weight(n_ff, embd))
+        w.add_tensor(b + "ffn_down.weight", weight(embd, n_ff))
     w.add_tensor("output_norm.weight", np.ones(embd, np.float32))
     w.add_tensor("output.weight", weight(vocab_size, embd, 4.0))
     w.write_header_to_file()

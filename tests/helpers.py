@@ -1,0 +1,76 @@
+"""Shared test tools: tiny models, running the CLI, logits from stock llama.cpp."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from scripts.make_tiny_model import make
+
+PROMPT = b"the first people who were in the new time of their history"
+
+
+def tiny_model(folder: Path, **kw) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return make(folder / "tiny-f16.gguf", embd=kw.pop("embd", 128), layers=kw.pop("layers", 2),
+                vocab_size=kw.pop("vocab_size", 320), **kw)
+
+
+def run_cli(*args, env=None, check=False) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvfp4q", *map(str, args)], capture_output=True, text=True,
+        env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def logits(path: Path) -> np.ndarray:
+    """Next-token logits at every position of PROMPT, computed by stock llama.cpp."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False,
+                          n_threads=2, n_batch=128)
+    try:
+        tokens = llm.tokenize(PROMPT, add_bos=True)
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+def tensors(path: Path) -> dict:
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """An F32 copy of a GGUF, every tensor decoded by gguf's own dequantizer (not ours)."""
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.get_field("general.architecture").contents())
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type"):
+            continue
+        vtype = GGUFValueType(f.types[0])
+        sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), vtype, sub)
+    for t in r.tensors:
+        if t.tensor_type in (T.F32, T.F16):
+            data = np.asarray(t.data, np.float32)
+        else:
+            data = dequantize(t.data, t.tensor_type).astype(np.float32)
+        w.add_tensor(t.name, data.reshape(tuple(reversed([int(d) for d in t.shape]))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def rel_rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.std(a))

@@ -1,0 +1,85 @@
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from nvfp4q.plan import Options, TensorInfo, file_type_of, make_plan, parse_tensor_type, plan_tensor
+
+
+def step(name, shape, opts=Options(), src=T.F16, arch="llama"):
+    return plan_tensor(TensorInfo(name, shape, src), arch, opts)
+
+
+def test_default_rules():
+    assert step("blk.0.attn_q.weight", (256, 256)).type == T.NVFP4
+    assert step("blk.0.ffn_down_exps.weight", (256, 128, 8)).type == T.NVFP4
+    assert step("token_embd.weight", (256, 1000)).type == T.Q8_0
+    assert step("output.weight", (256, 1000)).type == T.Q8_0
+    kept = step("blk.0.attn_norm.weight", (256,), src=T.F32)
+    assert kept.type == T.F32 and kept.reason == "kept: 1D"
+
+
+@pytest.mark.parametrize("name", [
+    "blk.0.ffn_gate_inp.weight", "blk.0.attn_norm_2d_norm.weight", "position_embd.weight",
+    "token_types.weight", "blk.0.ssm_conv1d.weight", "blk.0.time_mix_w1.weight",
+    "blk.0.attn_rel_b.weight", "v.patch_embd.weight", "blk.0.altup_proj.weight",
+    "blk.0.attn_q.bias", "blk.0.shortconv.conv.weight",
+])
+def test_never_quantized_names_stay(name):
+    s = step(name, (256, 64))
+    assert s.type == T.F16 and s.reason == "kept: never quantized"
+
+
+def test_arch_specific_exclusions():
+    assert step("blk.0.hc_proj.weight", (256, 64), arch="glm5-next").type == T.F16
+    assert step("blk.0.hc_proj.weight", (256, 64), arch="llama").type == T.NVFP4
+
+
+def test_shape_fallbacks():
+    s = step("blk.0.ffn_down.weight", (544, 256))
+    assert s.type == T.Q8_0 and "544 % 64" in s.reason
+    s = step("blk.0.ffn_down.weight", (528, 256))
+    assert s.type == T.F16 and "528 % 32" in s.reason
+    assert step("blk.0.ffn_down_exps.weight", (96, 64, 4)).type == T.Q8_0
+    assert step("token_embd.weight", (200, 100)).type == T.F16  # Q8_0 default falls back too
+
+
+def test_tensor_type_first_match_wins_and_falls_back():
+    opts = Options(tensor_types=(parse_tensor_type("attn_.*=q8_0"), parse_tensor_type("attn_q=f32")))
+    assert step("blk.0.attn_q.weight", (256, 256), opts).type == T.Q8_0
+    assert step("blk.0.ffn_up.weight", (256, 256), opts).type == T.NVFP4
+    opts = Options(tensor_types=(parse_tensor_type("ffn_down=q8_0"),))
+    assert step("blk.0.ffn_down.weight", (80, 256), opts).type == T.F16
+    opts = Options(tensor_types=(parse_tensor_type("token_embd=nvfp4"),))
+    assert step("token_embd.weight", (256, 1000), opts).type == T.NVFP4
+
+
+def test_explicit_embedding_and_output_types():
+    opts = Options(token_embedding_type=T.F16, output_tensor_type=T.NVFP4,
+                   tensor_types=(parse_tensor_type("token_embd=q8_0"),))
+    assert step("token_embd.weight", (256, 1000), opts).type == T.F16
+    assert step("output.weight", (256, 1000), opts).type == T.NVFP4
+    with pytest.raises(ValueError, match="does not fit NVFP4"):
+        step("output.weight", (96, 1000), opts)
+
+
+def test_pure_and_leave_output():
+    pure = Options(pure=True)
+    assert step("token_embd.weight", (256, 1000), pure).type == T.NVFP4
+    assert step("output.weight", (256, 1000), pure).type == T.NVFP4
+    leave = Options(leave_output_tensor=True)
+    s = step("output.weight", (256, 1000), leave)
+    assert s.type == T.F16 and s.reason == "kept: --leave-output-tensor"
+
+
+def test_sizes_and_file_type():
+    plan = make_plan([TensorInfo("blk.0.attn_q.weight", (128, 4), T.F16),
+                      TensorInfo("token_embd.weight", (64, 2), T.F16),
+                      TensorInfo("n.weight", (8,), T.F32)], "llama", Options())
+    assert [s.nbytes for s in plan] == [4 * 2 * 36, 2 * 2 * 34, 32]
+    assert file_type_of(plan) == 39
+    assert file_type_of(plan[1:]) == 7  # MOSTLY_Q8_0
+
+
+@pytest.mark.parametrize("spec", ["attn_q", "=q8_0", "attn=q9_9", "(=nvfp4"])
+def test_bad_tensor_type_specs(spec):
+    with pytest.raises(ValueError):
+        parse_tensor_type(spec)
