@@ -77,6 +77,8 @@ def _load_dat(path: Path) -> Imatrix:
     if pos < len(data):  # optional trailer: chunk count, dataset name
         (imat.chunk_count,) = take("<i")
         (ds_len,) = take("<i")
+        if ds_len < 0:
+            raise UserError(f"{path}: not an imatrix file (bad dataset name length {ds_len})")
         imat.datasets = [bytes(take(f"<{ds_len}s")[0]).decode("utf-8", "replace")]
     return imat
 

@@ -85,57 +85,155 @@ def _nearest(x, d):
     return best + 8
 
 
-@njit(cache=True, inline="always")
-def _sub_error(x, w, off, d, bound_err, bound_code, code):
-    """Weighted squared error of one sub-block at scale d, float32, j = 0..15 in order.
+# Beyond amax > d * 2^21 float32 rounding can tie neighbouring values; below it the
+# midpoint comparisons of _level and _accumulate pick exactly what ggml's 16-value scan picks.
+EXACT_RATIO = np.float32(2.0**21)
+HALF, ONE_HALF, TWO_HALF, THREE_HALF = np.float32(0.5), np.float32(1.5), np.float32(2.5), np.float32(3.5)
+F2, F4, F5, F7, F10, F12 = (np.float32(v) for v in (2, 4, 5, 7, 10, 12))
 
-    Stops early (returns +inf) once the partial sum proves the code cannot beat
-    (bound_err, bound_code); partial sums of non-negative float32 terms never decrease.
+
+@njit(cache=True, inline="always")
+def _level(a, d):
+    """Index into MAGS of the value nearest to a >= 0, ties to the smaller: midpoint tests."""
+    return ((a > HALF * d) + (a > ONE_HALF * d) + (a > TWO_HALF * d) + (a > THREE_HALF * d)
+            + (a > F5 * d) + (a > F7 * d) + (a > F10 * d))
+
+
+@njit(cache=True, inline="always")
+def _nibble(x, d, amax):
+    if amax > d * EXACT_RATIO:
+        return _nearest(x, d)
+    m = _level(abs(x), d)
+    return m + 8 if (m > 0 and x < np.float32(0.0)) else m
+
+
+@njit(cache=True, inline="always")
+def _accumulate(a, w, j0, j1, scales, err, n):
+    """err[c] += w_j (a_j - q_j)^2 for j in [j0, j1), for the first n candidate scales.
+
+    Candidates are the vector lanes, so each lane's sum keeps the defined j order while
+    the work is SIMD-wide.
     """
+    if j0 == 0:
+        for c in range(n):
+            err[c] = np.float32(0.0)
+    for j in range(j0, j1):
+        aj, wj = a[j], w[j]
+        for c in range(n):
+            d = scales[c]
+            # the step heights of MAGS (1,1,1,1,2,2,4) summed over passed midpoints:
+            # branch-free, so LLVM vectorizes it, and exact (small integers times d)
+            k = (np.float32(aj > HALF * d) + np.float32(aj > ONE_HALF * d)
+                 + np.float32(aj > TWO_HALF * d) + np.float32(aj > THREE_HALF * d)
+                 + F2 * (np.float32(aj > F5 * d) + np.float32(aj > F7 * d))
+                 + F4 * np.float32(aj > F10 * d))
+            q = k * d
+            diff = aj - q
+            err[c] += (wj * diff) * diff
+
+
+@njit(cache=True, inline="always")
+def _scan_error(x, w, d):
+    """The defined error with ggml's 16-value scan, for scales too small for midpoint tests."""
     s = np.float32(0.0)
     for j in range(NVFP4_SUB):
-        xj = x[off + j]
-        diff = xj - KVALUES[_nearest(xj, d)] * d
-        s += (w[off + j] * diff) * diff
-        if s > bound_err or (s == bound_err and code > bound_code):
-            return np.float32(np.inf)
+        diff = x[j] - KVALUES[_nearest(x[j], d)] * d
+        s += (w[j] * diff) * diff
     return s
+
+
+LANES = 8
+
+
+@njit(cache=True, inline="always")
+def _lanes(n):
+    return (n + LANES - 1) // LANES * LANES
+
+
+@njit(cache=True, inline="always")
+def _best(err, codes, n, best_err, best_code):
+    """Lowest error, ties to the lower code."""
+    for k in range(n):
+        if err[k] < best_err or (err[k] == best_err and codes[k] < best_code):
+            best_err, best_code = err[k], int(codes[k])
+    return best_code
+
+
+@njit(cache=True, inline="always")
+def _search(x, a, w, amax, jmax, base, search, scratch):
+    """Best code of the window around base (docs/kernels.md), pruned without changing it.
+
+    Base's error E is computed first. Codes below base whose clipped largest element alone
+    costs more than E are dropped (that term only grows further down). The others are
+    summed over the first 8 elements as vector lanes; only those whose partial sum (which
+    never decreases) is still <= E finish the last 8.
+    """
+    first = min(base, max(1, base - search))
+    last = min(MAX_CODE, base + search)
+    err, cand, codes = scratch[0], scratch[1], scratch[2]
+    if amax > SCALES[first] * EXACT_RATIO:  # rare: tiny scales in a wide window
+        n = last - first + 1
+        for c in range(n):
+            codes[c] = first + c
+            err[c] = _scan_error(x, w, SCALES[first + c])
+        return _best(err, codes, n, np.float32(np.inf), MAX_CODE + 1)
+    d = SCALES[base]
+    bound = np.float32(0.0)
+    for j in range(NVFP4_SUB):
+        diff = a[j] - MAGS[_level(a[j], d)] * d
+        bound += (w[j] * diff) * diff
+    while first < base:
+        diff = amax - F12 * SCALES[first]
+        if not (diff > 0 and (w[jmax] * diff) * diff > bound):
+            break
+        first += 1
+    m = 0
+    for c in range(first, last + 1):
+        if c != base:
+            cand[m], codes[m] = SCALES[c], c
+            m += 1
+    for half in range(2):
+        for k in range(m, _lanes(m)):  # whole vectors: a scalar remainder loop would dominate
+            cand[k] = d
+        _accumulate(a, w, half * 8, half * 8 + 8, cand, err, _lanes(m))
+        if half == 0:
+            kept = 0
+            for k in range(m):
+                if err[k] <= bound:
+                    cand[kept], err[kept], codes[kept] = cand[k], err[k], codes[k]
+                    kept += 1
+            m = kept
+            if m == 0:
+                return base
+    return _best(err, codes, m, bound, base)
 
 
 @njit(cache=True)
 def _encode_row(x, w, search, out):
     """One row of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes)."""
     nblocks = x.shape[0] // NVFP4_BLOCK
+    a = np.empty(NVFP4_SUB, np.float32)
+    scratch = np.empty((3, _lanes(MAX_CODE + 2)), np.float32)
     for b in range(nblocks):
         ob = b * NVFP4_BYTES
         for s in range(4):
             off = b * NVFP4_BLOCK + s * NVFP4_SUB
             amax = np.float32(0.0)
+            jmax = 0
             for j in range(NVFP4_SUB):
-                v = abs(x[off + j])
-                if amax < v:
-                    amax = v
+                a[j] = abs(x[off + j])
+                if amax < a[j]:
+                    amax = a[j]
+                    jmax = j
             base = scale_encode(amax / np.float32(6.0))
             code = base
             if search > 0 and amax > np.float32(0.0):
-                best_err = np.float32(np.inf)
-                best_err = _sub_error(x, w, off, SCALES[base], best_err, MAX_CODE + 1, base)
-                lo = max(1, base - search)
-                hi = min(MAX_CODE, base + search)
-                # nearest codes first: a good bound early prunes the far ones
-                for step in range(1, search + 1):
-                    for c in (base - step, base + step):
-                        if c < lo or c > hi:
-                            continue
-                        err = _sub_error(x, w, off, SCALES[c], best_err, code, c)
-                        if err < best_err or (err == best_err and c < code):
-                            best_err = err
-                            code = c
+                code = _search(x[off:off + NVFP4_SUB], a, w[off:off + NVFP4_SUB], amax, jmax, base, search, scratch)
             d = SCALES[code]
             out[ob + s] = code
             for j in range(8):
-                lo_n = _nearest(x[off + j], d)
-                hi_n = _nearest(x[off + j + 8], d)
+                lo_n = _nibble(x[off + j], d, amax)
+                hi_n = _nibble(x[off + j + 8], d, amax)
                 out[ob + 4 + s * 8 + j] = lo_n | (hi_n << 4)
 
 
