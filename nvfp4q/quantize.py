@@ -85,10 +85,11 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
             continue
         name = step.tensor.name
         entry = imatrix.for_tensor(imat, name, step.tensor.shape) if imat else None
-        if entry is not None and _wants_importance(name, s):
+        if entry is None:
+            if imat is not None:
+                missing.append(name)
+        elif _wants_importance(name, s):
             importance[name] = entry
-        elif imat is not None:
-            missing.append(name)
     if missing and s.imatrix_strict:
         raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
     return Job(model, plan, imat, importance, missing)
