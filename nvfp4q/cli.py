@@ -1,5 +1,6 @@
 """Command line: parse, call, report. Errors become one line on stderr and an exit code."""
 
+import logging
 import os
 import signal
 import sys
@@ -62,6 +63,9 @@ def quantize(
     exclude_weights: Annotated[Optional[list[str]], typer.Option("--exclude-weights", help="Do not use the imatrix for tensors whose name contains this (repeatable).")] = None,
     imatrix_strict: Annotated[bool, typer.Option(help="Fail if an NVFP4 tensor has no imatrix entry.")] = False,
     allow_requantize: Annotated[bool, typer.Option(help="Accept already-quantized source tensors (quality suffers).")] = False,
+    keep_split: Annotated[bool, typer.Option(help="One output part per input part (split input).")] = False,
+    split_max_size: Annotated[Optional[str], typer.Option(help="Split the output into parts of at most this size (e.g. 48G, 500M).")] = None,
+    split_max_tensors: Annotated[int, typer.Option(min=0, help="Split the output into parts of at most N tensors.")] = 0,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and totals, write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only the final summary.")] = False,
@@ -70,12 +74,18 @@ def quantize(
     """Quantize SRC into OUT: 2D weights to NVFP4, embeddings and output to Q8_0."""
     from nvfp4q import kernels, report
     from nvfp4q.plan import Options, parse_tensor_type
-    from nvfp4q.quantize import Settings, check_paths, prepare, run
+    from nvfp4q.quantize import Settings, parse_size, prepare, run
 
     try:
         patterns = tuple(parse_tensor_type(t) for t in tensor_type or ())
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--tensor-type") from None
+    try:
+        max_size = parse_size(split_max_size) if split_max_size else 0
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--split-max-size") from None
+    if keep_split and (max_size or split_max_tensors):
+        raise typer.BadParameter("use either --keep-split or --split-max-size/--split-max-tensors")
     if weighting not in ("importance", "ggml"):
         raise typer.BadParameter("use 'importance' or 'ggml'", param_hint="--weighting")
     opts = Options(
@@ -88,15 +98,14 @@ def quantize(
         search=search, weighting=kernels.WEIGHT_GGML if weighting == "ggml" else kernels.WEIGHT_RAW,
         imatrix=imatrix, imatrix_strict=imatrix_strict,
         include_weights=tuple(include_weights or ()), exclude_weights=tuple(exclude_weights or ()),
-        allow_requantize=allow_requantize, overwrite=overwrite,
+        allow_requantize=allow_requantize, overwrite=overwrite, keep_split=keep_split,
+        split_max_tensors=split_max_tensors, split_max_size=max_size,
     )
     if threads:
         import numba
 
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        if not dry_run:
-            check_paths(src, out, overwrite)
         job = prepare(src, opts, settings)
         if dry_run:
             report.plan_table(job)
@@ -106,7 +115,7 @@ def quantize(
                 print(f"nvfp4q: no imatrix data for {name}", file=sys.stderr)
         with report.progress(job, enabled=not quiet and sys.stderr.isatty()) as on_tensor:
             summary = run(job, out, settings, on_tensor)
-        report.summary(summary, out)
+        report.summary(summary)
     except UserError as e:
         _fail(str(e), EXIT_FAILURE)
     except OSError as e:
@@ -139,6 +148,7 @@ def inspect(
 
 
 def main() -> None:
+    logging.getLogger("gguf").setLevel(logging.ERROR)  # its warnings are not for our users
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:

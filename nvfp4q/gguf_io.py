@@ -1,27 +1,27 @@
 """GGUF files in and out: memory-mapped reading, float32 row slabs, streamed writing.
 
-Reading goes through gguf's memory-mapped reader, so a tensor's bytes are only
-touched when its rows are converted. Writing goes through gguf's writer for the
-header, metadata and tensor infos, then tensor data one tensor at a time.
+Reading parses only the header (gguf_header) and memory-maps the data, so a tensor's bytes
+are only touched when its rows are converted, and metadata is copied as the source's own
+bytes (a 262k-token vocabulary costs milliseconds, not gguf's reader's 20 s). Writing goes
+through gguf's writer for the header, metadata and tensor infos, then tensor data one
+tensor at a time.
 """
 
 import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as T
+from gguf.gguf_writer import GGUFValue
 from gguf.quants import dequantize
 
+from nvfp4q import gguf_header
 from nvfp4q.errors import UserError
 from nvfp4q.plan import FLOAT_SOURCES, TensorInfo
 
-GGUF_MAGIC = b"GGUF"
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # Keys the writer owns: copying them from the source would describe the wrong file.
 _OWNED_KEYS = ("GGUF.", "split.")
@@ -32,7 +32,8 @@ _OWNED_EXACT = ("general.architecture", "general.file_type", "general.quantizati
 @dataclass
 class SourceTensor:
     info: TensorInfo
-    data: np.ndarray  # memory-mapped, as gguf's reader gives it
+    data: np.ndarray  # uint8, memory-mapped
+    part: int = 0  # which file of a split model holds it
 
     @property
     def rows(self) -> int:
@@ -40,26 +41,23 @@ class SourceTensor:
 
     def raw_rows(self) -> np.ndarray:
         """The tensor's bytes as [rows, bytes per row] (a view: nothing is read yet)."""
-        return self.data.reshape(-1).view(np.uint8).reshape(self.rows, -1)
+        return self.data.reshape(self.rows, -1)
 
 
 @dataclass
 class Model:
     paths: list[Path]
     arch: str
-    fields: list  # gguf ReaderField, in file order, from the first part
+    header: gguf_header.Header  # of the first part: its metadata is the model's
     tensors: list[SourceTensor]
-    alignment: int
-    readers: list[GGUFReader]
+
+    @property
+    def alignment(self) -> int:
+        return self.header.alignment
 
     @property
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.paths)
-
-
-def is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == GGUF_MAGIC
 
 
 def split_parts(path: Path) -> list[Path]:
@@ -76,45 +74,30 @@ def split_parts(path: Path) -> list[Path]:
 
 
 def open_reader(path: Path) -> GGUFReader:
-    """gguf's reader, with its exceptions turned into one line naming the file."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory")
+    """gguf's reader (for small files such as imatrices), its exceptions made one line."""
+    if not gguf_header.is_gguf(path):
+        raise UserError(f"{path}: not a GGUF file (bad magic)")
     try:
-        if not is_gguf(path):
-            raise UserError(f"{path}: not a GGUF file (bad magic)")
         return GGUFReader(path, "r")
-    except UserError:
-        raise
-    except PermissionError as e:
-        raise UserError(f"{path}: {e.strerror}") from None
     except Exception as e:  # gguf raises ValueError, IndexError, struct errors on bad files
         raise UserError(f"{path}: not a valid GGUF file (truncated or corrupt: {e})") from None
 
 
-def field_value(field):
-    return field.contents()
-
-
 def open_model(path: Path) -> Model:
     parts = split_parts(path)
-    readers = [open_reader(p) for p in parts]
-    first = readers[0]
-    arch_field = first.get_field("general.architecture")
-    arch = field_value(arch_field) if arch_field is not None else ""
-    align_field = first.get_field("general.alignment")
-    alignment = int(field_value(align_field)) if align_field is not None else 32
+    headers = [gguf_header.read(p, i) for i, p in enumerate(parts)]
     tensors = []
-    for p, reader in zip(parts, readers):
-        size = p.stat().st_size
-        for t in reader.tensors:
-            if t.data_offset + t.n_bytes > size:
-                raise UserError(f"{p}: truncated: tensor {t.name} ends past the end of the file")
-            info = TensorInfo(t.name, tuple(int(d) for d in t.shape), T(t.tensor_type))
-            tensors.append(SourceTensor(info, t.data))
-    fields = [f for f in first.fields.values()]
-    return Model(parts, arch, fields, tensors, alignment, readers)
+    for h in headers:
+        data = np.memmap(h.path, dtype=np.uint8, mode="r") if h.tensors else None
+        for t in h.tensors:
+            if t.type is None or t.nbytes is None:
+                raise UserError(f"{h.path}: tensor {t.name} has an unsupported type or shape ({t.type_name})")
+            if t.offset + t.nbytes > h.file_size:
+                raise UserError(f"{h.path}: truncated: tensor {t.name} ends past the end of the file")
+            info = TensorInfo(t.name, t.shape, t.type)
+            tensors.append(SourceTensor(info, data[t.offset:t.offset + t.nbytes], t.part))
+    arch = headers[0].get("general.architecture", "")
+    return Model(parts, arch if isinstance(arch, str) else "", headers[0], tensors)
 
 
 def to_float32(t: SourceTensor, start: int, stop: int, allow_requantize: bool) -> np.ndarray:
@@ -153,42 +136,46 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return rounded
 
 
-@contextmanager
-def temporary_beside(target: Path) -> Iterator[Path]:
-    """A temporary path in target's folder; removed on any failure, moved onto target on success."""
-    folder = target.parent
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
-    except OSError as e:
-        raise UserError(f"{folder}: cannot write there: {e.strerror}") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+class _Raw(bytes):
+    """A metadata value (type id and payload) copied byte for byte from the source."""
 
 
-def copy_metadata(writer: GGUFWriter, fields) -> None:
-    for f in fields:
-        if f.name.startswith(_OWNED_KEYS) or f.name in _OWNED_EXACT:
-            continue
-        vtype = GGUFValueType(f.types[0])
-        value = field_value(f)
-        if vtype == GGUFValueType.ARRAY:
-            if len(f.types) > 2 or not value:
-                continue  # nested or empty arrays: gguf's writer cannot write them
-            writer.add_key_value(f.name, value, vtype, sub_type=GGUFValueType(f.types[-1]))
-        else:
-            writer.add_key_value(f.name, value, vtype)
+def copy_metadata(writer: GGUFWriter, header: gguf_header.Header) -> None:
+    with open(header.path, "rb") as f:
+        for key, field in header.fields.items():
+            if key.startswith(_OWNED_KEYS) or key in _OWNED_EXACT:
+                continue
+            f.seek(field.span[0])
+            writer.kv_data[0][key] = GGUFValue(_Raw(f.read(field.span[1] - field.span[0])), field.type)
+
+
+class _TempShardWriter(GGUFWriter):
+    """gguf's writer, writing each part under a hidden temporary name beside its final name."""
+
+    final_names: list[Path] = []
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        if isinstance(val, _Raw):
+            return bytes(val)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    def format_shard_names(self, path: Path) -> list[Path]:
+        self.final_names = super().format_shard_names(path)
+        return [p.with_name(f".{p.name}.{os.getpid()}.part") for p in self.final_names]
 
 
 class Writer:
-    """gguf's writer, used for the header and infos; tensor data streamed in plan order."""
+    """Header, metadata and tensor infos through gguf's writer, then tensor data in plan order.
 
-    def __init__(self, path: Path, arch: str, alignment: int):
-        self._w = GGUFWriter(path, arch)
+    Parts are split by count/size (gguf's writer) or where new_part() is called; commit()
+    renames the finished temporaries onto the final names, abort() removes them.
+    """
+
+    def __init__(self, out: Path, arch: str, alignment: int, split_max_tensors: int = 0,
+                 split_max_size: int = 0):
+        self._w = _TempShardWriter(out, arch, split_max_tensors=split_max_tensors,
+                                   split_max_size=split_max_size)
+        self._temps: list[Path] = []
         if alignment != 32:
             self._w.data_alignment = alignment
             self._w.add_custom_alignment(alignment)
@@ -197,13 +184,25 @@ class Writer:
     def gguf(self) -> GGUFWriter:
         return self._w
 
+    def new_part(self) -> None:
+        if self._w.tensors[-1]:
+            self._w.tensors.append({})
+
     def add_tensor_info(self, name: str, shape: tuple[int, ...], qtype: T, nbytes: int) -> None:
         self._w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
 
+    def part_names(self) -> list[Path]:
+        self._w.format_shard_names(self._w.path)
+        return list(self._w.final_names)
+
     def begin_data(self) -> None:
-        self._w.write_header_to_file()
-        self._w.write_kv_data_to_file()
-        self._w.write_ti_data_to_file()
+        try:
+            self._temps = self._w.format_shard_names(self._w.path)
+            self._w.write_header_to_file()
+            self._w.write_kv_data_to_file()
+            self._w.write_ti_data_to_file()
+        except OSError as e:
+            raise UserError(f"{e.filename or self._w.path}: cannot write: {e.strerror or e}") from None
 
     def write_tensor(self, data: np.ndarray) -> None:
         try:
@@ -211,9 +210,23 @@ class Writer:
         except OSError as e:
             raise UserError(f"writing output failed: {e.strerror or e}") from None
 
-    def close(self) -> None:
-        if self._w.fout:
-            for f in self._w.fout:
+    def commit(self) -> list[Path]:
+        try:
+            for f in self._w.fout or []:
                 f.flush()
                 os.fsync(f.fileno())
+        except OSError as e:
+            raise UserError(f"writing output failed: {e.strerror or e}") from None
         self._w.close()
+        for tmp, final in zip(self._temps, self._w.final_names):
+            os.replace(tmp, final)
+        return self._w.final_names
+
+    def abort(self) -> None:
+        for f in self._w.fout or []:
+            try:
+                f.close()
+            except OSError:
+                pass
+        for tmp in self._temps:
+            tmp.unlink(missing_ok=True)

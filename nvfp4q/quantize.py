@@ -29,6 +29,9 @@ class Settings:
     exclude_weights: tuple[str, ...] = ()
     allow_requantize: bool = False
     overwrite: bool = False
+    keep_split: bool = False
+    split_max_tensors: int = 0
+    split_max_size: int = 0
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Summary:
     n_weights: int = 0
     seconds: float = 0.0
     missing_importance: int = 0
+    outputs: list[Path] = field(default_factory=list)
 
 
 def _wants_importance(name: str, s: Settings) -> bool:
@@ -95,15 +99,29 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
     return Job(model, plan, imat, importance, missing)
 
 
-def check_paths(src: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() and src.exists() and os.path.samefile(src, out):
-        raise UserError(f"{out}: output would overwrite the input")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: exists (pass --overwrite to replace it)")
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: no such directory")
+def check_paths(sources: list[Path], outs: list[Path], overwrite: bool) -> None:
+    for out in outs:
+        if out.exists() and any(os.path.samefile(src, out) for src in sources):
+            raise UserError(f"{out}: output would overwrite the input")
+        if out.is_dir():
+            raise UserError(f"{out}: is a directory")
+        if out.exists() and not overwrite:
+            raise UserError(f"{out}: exists (pass --overwrite to replace it)")
+        if not out.parent.is_dir():
+            raise UserError(f"{out.parent}: no such directory")
+
+
+def parse_size(text: str) -> int:
+    """'48G', '500M', '1.5G' or bytes, in powers of 1000 as llama.cpp's gguf-split reads them."""
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    t = text.strip().upper().removesuffix("B")
+    try:
+        n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ValueError(f"bad size '{text}' (e.g. 48G, 500M)") from None
+    if n <= 0:
+        raise ValueError(f"bad size '{text}'")
+    return int(n)
 
 
 def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings) -> np.ndarray:
@@ -149,7 +167,7 @@ def convert_tensor(job: Job, index: int, s: Settings) -> np.ndarray:
 
 def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
     g = w.gguf
-    gguf_io.copy_metadata(g, job.model.fields)
+    gguf_io.copy_metadata(g, job.model.header)
     g.add_file_type(file_type_of(job.plan))
     g.add_quantization_version(QUANTIZATION_VERSION)
     g.add_uint32("nvfp4q.search", s.search)
@@ -162,27 +180,38 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
         g.add_int32("quantize.imatrix.chunks_count", job.imat.chunk_count)
 
 
+def _plan_parts(w: gguf_io.Writer, job: Job, s: Settings) -> None:
+    part = 0
+    for step, t in zip(job.plan, job.model.tensors):
+        if s.keep_split and t.part != part:
+            w.new_part()
+            part = t.part
+        w.add_tensor_info(step.tensor.name, step.tensor.shape, step.type, step.nbytes)
+
+
 def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = lambda step: None) -> Summary:
-    """Write the output beside OUT under a temporary name and rename it when complete."""
+    """Write each output part beside its final name under a temporary name; rename when complete."""
     started = time.perf_counter()
-    free = shutil.disk_usage(out.parent).free
-    if free < job.nbytes_out:
-        raise UserError(f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {job.nbytes_out / 1e9:.2f} GB")
+    check_paths(job.model.paths, [out], s.overwrite)
     summary = Summary(bytes_in=job.model.nbytes, n_weights=job.n_weights,
                       missing_importance=len(job.missing_importance))
-    with gguf_io.temporary_beside(out) as tmp:
-        w = gguf_io.Writer(tmp, job.model.arch, job.model.alignment)
-        try:
-            add_metadata(w, job, s)
-            for step in job.plan:
-                w.add_tensor_info(step.tensor.name, step.tensor.shape, step.type, step.nbytes)
-            w.begin_data()
-            for i, step in enumerate(job.plan):
-                w.write_tensor(convert_tensor(job, i, s))
-                summary.types[step.type.name] += 1
-                on_tensor(step)
-        finally:
-            w.close()
-    summary.bytes_out = out.stat().st_size
+    w = gguf_io.Writer(out, job.model.arch, job.model.alignment, s.split_max_tensors, s.split_max_size)
+    try:
+        add_metadata(w, job, s)
+        _plan_parts(w, job, s)
+        check_paths(job.model.paths, w.part_names(), s.overwrite)
+        free = shutil.disk_usage(out.parent).free
+        if free < job.nbytes_out:
+            raise UserError(f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {job.nbytes_out / 1e9:.2f} GB")
+        w.begin_data()
+        for i, step in enumerate(job.plan):
+            w.write_tensor(convert_tensor(job, i, s))
+            summary.types[step.type.name] += 1
+            on_tensor(step)
+        summary.outputs = w.commit()
+    except BaseException:
+        w.abort()
+        raise
+    summary.bytes_out = sum(p.stat().st_size for p in summary.outputs)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -2,7 +2,6 @@
 
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -65,11 +64,11 @@ def progress(job: Job, enabled: bool):
         yield on_tensor
 
 
-def summary(s: Summary, out: Path) -> None:
+def summary(s: Summary) -> None:
     types = ", ".join(f"{k} {v}" for k, v in sorted(s.types.items()))
     rate = s.n_weights / s.seconds if s.seconds else float("nan")
     lines = [
-        f"output: {out}",
+        f"output: {s.outputs[0]}" + (f" (+{len(s.outputs) - 1} parts)" if len(s.outputs) > 1 else ""),
         f"tensors: {sum(s.types.values())} ({types})",
         f"size: {human_bytes(s.bytes_in)} -> {human_bytes(s.bytes_out)}",
         f"bits per weight: {bits_per_weight(s.bytes_out, s.n_weights):.3f}",

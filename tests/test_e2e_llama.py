@@ -64,5 +64,5 @@ def test_output_metadata(tiny):
     assert r.get_field("general.file_type").contents() == 39
     assert r.get_field("general.quantization_version").contents() == 2
     assert r.get_field("nvfp4q.search").contents() == 12
-    assert r.get_field("general.name").contents() == "nvfp4q tiny llama"
+    assert r.get_field("general.name").contents() == "nvfp4q synthetic llama"
     assert len(r.get_field("tokenizer.ggml.tokens").contents()) == 320
