@@ -7,6 +7,7 @@ through gguf's writer for the header, metadata and tensor infos, then tensor dat
 tensor at a time.
 """
 
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -34,6 +35,17 @@ class SourceTensor:
     info: TensorInfo
     data: np.ndarray  # uint8, memory-mapped
     part: int = 0  # which file of a split model holds it
+    mapping: mmap.mmap | None = None
+    offset: int = 0
+
+    def release(self) -> None:
+        """Drop the tensor's pages from this process: resident mapped pages count as our
+        memory, and without this the peak would grow with the model."""
+        if self.mapping is not None:
+            start = self.offset // mmap.PAGESIZE * mmap.PAGESIZE
+            length = self.offset + self.data.nbytes - start
+            if length > 0:
+                self.mapping.madvise(mmap.MADV_DONTNEED, start, length)
 
     @property
     def rows(self) -> int:
@@ -83,19 +95,28 @@ def open_reader(path: Path) -> GGUFReader:
         raise UserError(f"{path}: not a valid GGUF file (truncated or corrupt: {e})") from None
 
 
+def _map(path: Path) -> mmap.mmap:
+    try:
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+
+
 def open_model(path: Path) -> Model:
     parts = split_parts(path)
     headers = [gguf_header.read(p, i) for i, p in enumerate(parts)]
     tensors = []
     for h in headers:
-        data = np.memmap(h.path, dtype=np.uint8, mode="r") if h.tensors else None
+        mapping = _map(h.path) if h.tensors else None
+        data = np.frombuffer(mapping, dtype=np.uint8) if mapping is not None else None
         for t in h.tensors:
             if t.type is None or t.nbytes is None:
                 raise UserError(f"{h.path}: tensor {t.name} has an unsupported type or shape ({t.type_name})")
             if t.offset + t.nbytes > h.file_size:
                 raise UserError(f"{h.path}: truncated: tensor {t.name} ends past the end of the file")
             info = TensorInfo(t.name, t.shape, t.type)
-            tensors.append(SourceTensor(info, data[t.offset:t.offset + t.nbytes], t.part))
+            tensors.append(SourceTensor(info, data[t.offset:t.offset + t.nbytes], t.part, mapping, t.offset))
     arch = headers[0].get("general.architecture", "")
     return Model(parts, arch if isinstance(arch, str) else "", headers[0], tensors)
 

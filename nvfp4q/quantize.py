@@ -206,6 +206,7 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
         w.begin_data()
         for i, step in enumerate(job.plan):
             w.write_tensor(convert_tensor(job, i, s))
+            job.model.tensors[i].release()
             summary.types[step.type.name] += 1
             on_tensor(step)
         summary.outputs = w.commit()
