@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
+from nvfp4q import global_scale
+
 # Output types offered on the command line (llama-quantize's spelling, lower case).
 TYPE_NAMES = {"nvfp4": T.NVFP4, "q8_0": T.Q8_0, "f16": T.F16, "bf16": T.BF16, "f32": T.F32}
 FLOAT_SOURCES = (T.F32, T.F16, T.BF16)
@@ -48,6 +50,7 @@ class Options:
     token_embedding_type: T | None = None
     pure: bool = False
     leave_output_tensor: bool = False
+    global_scale: str = "off"  # "auto"/"sidecar": per-tensor scale sidecars where the arch applies them
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,12 @@ class Step:
     type: T
     reason: str
     nbytes: int = field(default=0)
+    sidecar: bool = False  # a `.scale` tensor follows (two-level NVFP4)
+
+    @property
+    def sidecar_values(self) -> int:
+        """One scale per expert (a 2D weight is one expert)."""
+        return self.tensor.shape[2] if len(self.tensor.shape) >= 3 else 1
 
     @property
     def converts(self) -> bool:
@@ -144,7 +153,10 @@ def plan_tensor(t: TensorInfo, arch: str, opts: Options) -> Step:
         raise ValueError(
             f"{t.name}: ne0 {t.shape[0]} does not fit {qtype.name} ({reason}); choose another type"
         )
-    return Step(t, qtype, reason, nbytes(t.shape, qtype))
+    sidecar = qtype == T.NVFP4 and opts.global_scale != "off" and global_scale.applies(arch, t.name)
+    if sidecar:
+        reason += "; + .scale sidecar"
+    return Step(t, qtype, reason, nbytes(t.shape, qtype), sidecar)
 
 
 def make_plan(tensors: list[TensorInfo], arch: str, opts: Options) -> list[Step]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from nvfp4q import gguf_io, imatrix, kernels
+from nvfp4q import global_scale, gguf_io, imatrix, kernels
 from nvfp4q.errors import UserError
 from nvfp4q.plan import Options, Step, file_type_of, make_plan
 
@@ -46,7 +46,7 @@ class Job:
 
     @property
     def nbytes_out(self) -> int:
-        return sum(s.nbytes for s in self.plan)
+        return sum(s.nbytes + 4 * s.sidecar_values * s.sidecar for s in self.plan)
 
     @property
     def n_weights(self) -> int:
@@ -136,33 +136,52 @@ def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Sett
     return rows.astype(np.float32)
 
 
-def convert_tensor(job: Job, index: int, s: Settings) -> np.ndarray:
-    """One tensor's output bytes, converted slab by slab (a slab never crosses an expert)."""
+def _slabs(t: gguf_io.SourceTensor, first: int, stop: int, slab: int, s: Settings):
+    """(start, float32 rows) over rows [first, stop), checked for NaN/Inf."""
+    for start in range(first, stop, slab):
+        rows = gguf_io.to_float32(t, start, min(start + slab, stop), s.allow_requantize)
+        bad = kernels.find_nonfinite(rows)
+        if bad is not None:
+            r, c = bad
+            raise UserError(f"tensor {t.info.name}: non-finite value {rows[r, c]} at row {start + r}, column {c}")
+        yield start, rows
+
+
+def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.ndarray | None]:
+    """One tensor's output bytes, and its sidecar scales (one per expert) when it has one.
+
+    Converted slab by slab; a slab never crosses an expert. With a sidecar, a first pass
+    finds each expert's amax for its initial scale g, the second quantizes W/g and refits g
+    by importance-weighted least squares on the chosen values.
+    """
     step, t = job.plan[index], job.model.tensors[index]
     if not step.converts:
-        return t.raw_rows()
+        return t.raw_rows(), None
     ne0 = step.tensor.shape[0]
     per_expert = step.tensor.shape[1] if len(step.tensor.shape) >= 2 else 1
     entry = job.importance.get(step.tensor.name)
     slab = max(1, min(per_expert, SLAB_BYTES // (4 * ne0)))
-    out = None
-    for first in range(0, t.rows, per_expert):
-        expert = first // per_expert
+    out = np.empty((t.rows, step.nbytes // t.rows), np.uint8)
+    scales = np.ones(t.rows // per_expert, np.float32) if step.sidecar else None
+    for expert, first in enumerate(range(0, t.rows, per_expert)):
         imp = entry.values[expert] if entry is not None and entry.seen[expert] else None
-        for start in range(first, first + per_expert, slab):
-            stop = min(start + slab, first + per_expert)
-            rows = gguf_io.to_float32(t, start, stop, s.allow_requantize)
-            bad = kernels.find_nonfinite(rows)
-            if bad is not None:
-                r, c = bad
-                raise UserError(
-                    f"tensor {step.tensor.name}: non-finite value {rows[r, c]} at row {start + r}, column {c}"
-                )
-            enc = _encode(step, rows, imp, s).view(np.uint8).reshape(stop - start, -1)
-            if out is None:
-                out = np.empty((t.rows, enc.shape[1]), np.uint8)
-            out[start:stop] = enc
-    return out
+        g = np.float32(1.0)
+        if step.sidecar:
+            amax = max(float(np.abs(rows).max()) for _, rows in _slabs(t, first, first + per_expert, slab, s))
+            g = global_scale.initial(amax)
+        sum_yq = sum_qq = 0.0
+        for start, rows in _slabs(t, first, first + per_expert, slab, s):
+            y = rows / g if step.sidecar else rows
+            enc = _encode(step, y, imp, s).view(np.uint8).reshape(len(rows), -1)
+            out[start:start + len(rows)] = enc
+            if step.sidecar:
+                q = kernels.dequantize_nvfp4(enc).astype(np.float64)
+                wq = q if imp is None else q * imp
+                sum_yq += float((wq * y).sum())
+                sum_qq += float((wq * q).sum())
+        if step.sidecar:
+            scales[expert] = global_scale.refit(g, sum_yq, sum_qq)
+    return out, scales
 
 
 def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
@@ -172,6 +191,9 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
     g.add_quantization_version(QUANTIZATION_VERSION)
     g.add_uint32("nvfp4q.search", s.search)
     g.add_string("nvfp4q.weighting", "ggml" if s.weighting == kernels.WEIGHT_GGML else "importance")
+    sidecars = [global_scale.sidecar_name(st.tensor.name) for st in job.plan if st.sidecar]
+    g.add_string("nvfp4q.global_scale", "sidecar" if sidecars else "off")
+    g.add_uint32("nvfp4q.sidecar_count", len(sidecars))
     if job.imat is not None:
         g.add_string("quantize.imatrix.file", str(job.imat.path))
         if job.imat.datasets:
@@ -187,6 +209,9 @@ def _plan_parts(w: gguf_io.Writer, job: Job, s: Settings) -> None:
             w.new_part()
             part = t.part
         w.add_tensor_info(step.tensor.name, step.tensor.shape, step.type, step.nbytes)
+        if step.sidecar:
+            n = step.sidecar_values
+            w.add_tensor_info(global_scale.sidecar_name(step.tensor.name), (n,), T.F32, 4 * n)
 
 
 def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = lambda step: None) -> Summary:
@@ -205,7 +230,10 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
             raise UserError(f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {job.nbytes_out / 1e9:.2f} GB")
         w.begin_data()
         for i, step in enumerate(job.plan):
-            w.write_tensor(convert_tensor(job, i, s))
+            data, scales = convert_tensor(job, i, s)
+            w.write_tensor(data)
+            if scales is not None:
+                w.write_tensor(scales)
             job.model.tensors[i].release()
             summary.types[step.type.name] += 1
             on_tensor(step)

@@ -1,0 +1,75 @@
+"""Two-level NVFP4 in quantize: which tensors get a `.scale` sidecar, and what it buys."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from helpers import logits, rel_rmse, run_cli, tensors
+from nvfp4q.plan import Options, TensorInfo, plan_tensor
+from scripts.make_synthetic_model import Shape, write
+
+
+def step(name, arch, mode="sidecar", shape=(256, 64)):
+    return plan_tensor(TensorInfo(name, shape, T.F16), arch, Options(global_scale=mode))
+
+
+def test_plan_marks_only_kinds_the_architecture_applies():
+    assert step("blk.0.attn_q.weight", "gemma3").sidecar
+    assert not step("blk.0.ffn_down.weight", "gemma3").sidecar
+    assert step("blk.0.ffn_down.weight", "llama").sidecar
+    assert step("blk.0.ffn_down_exps.weight", "qwen3moe", shape=(256, 64, 4)).sidecar_values == 4
+    assert not step("blk.0.attn_q.weight", "gemma3", mode="off").sidecar
+    assert not step("blk.0.attn_q.weight", "unknown-arch").sidecar
+    assert not step("blk.0.attn_q.weight", "llama", shape=(96, 64)).sidecar  # Q8_0 fallback
+    assert not step("token_embd.weight", "llama").sidecar
+
+
+@pytest.fixture(scope="module")
+def small_weights(tmp_path_factory):
+    """A tiny llama with 30x smaller block weights: their scales fall in UE4M3's subnormal range."""
+    folder = tmp_path_factory.mktemp("small")
+    src = folder / "small-f16.gguf"
+    write(src, Shape("llama", 128, 2, 256, 320, 4, 2, 32), seed=3)
+    for t in GGUFReader(src, "r+").tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            t.data[...] = t.data / 30
+    outs = {}
+    for mode in ("off", "auto"):
+        outs[mode] = folder / f"{mode}.gguf"
+        run_cli("quantize", src, outs[mode], "--search", 12, "--global-scale", mode, "-q", check=True)
+    return src, outs
+
+
+def _decoded(t, scale=None):
+    x = dequantize(np.asarray(t.data), T.NVFP4).astype(np.float64)
+    return x if scale is None else x * np.asarray(scale.data, np.float64)[0]
+
+
+def test_sidecars_cut_the_error_of_small_weights(small_weights):
+    src, outs = small_weights
+    source, off, on = tensors(src), tensors(outs["off"]), tensors(outs["auto"])
+    assert not any(n.endswith(".scale") for n in off)
+    for name, t in on.items():
+        if t.tensor_type != T.NVFP4:
+            continue
+        x = np.asarray(source[name].data, np.float64)
+        scale = on[name.removesuffix(".weight") + ".scale"]
+        assert scale.tensor_type == T.F32 and list(scale.shape) == [1]
+        err_on = np.mean((_decoded(t, scale) - x) ** 2)
+        err_off = np.mean((_decoded(off[name]) - x) ** 2)
+        assert err_on < 0.5 * err_off, name
+
+
+def test_stock_llama_cpp_applies_them(small_weights):
+    src, outs = small_weights
+    ref = logits(src)
+    assert rel_rmse(ref, logits(outs["auto"])) < rel_rmse(ref, logits(outs["off"]))
+
+
+def test_search_0_auto_stays_stock(small_weights, tmp_path):
+    src, _ = small_weights
+    out = tmp_path / "rtn.gguf"
+    run_cli("quantize", src, out, "--search", 0, "-q", check=True)
+    assert not any(n.endswith(".scale") for n in tensors(out))
