@@ -53,7 +53,7 @@ def quantize(
     imatrix: Annotated[Optional[Path], typer.Option(help="Importance matrix (llama-imatrix GGUF or legacy .dat).")] = None,
     search: Annotated[int, typer.Option(min=0, max=126, help="Scale-code search window S; 0 = stock round-to-nearest.")] = 12,
     weighting: Annotated[str, typer.Option(help="Error weight: 'importance' (imatrix value) or 'ggml' (importance * sqrt(sigma2 + x^2)).")] = "importance",
-    global_scale: Annotated[str, typer.Option(help="Per-tensor '.scale' sidecars where llama.cpp's graph for the architecture applies them: 'auto' (on, except with --search 0, which stays stock ggml's bytes), 'sidecar' (always), 'off'.")] = "auto",
+    global_scale: Annotated[str, typer.Option(help="Per-tensor scales: 'sidecar' (.scale tensors where llama.cpp's graph applies them), 'rescale' (free power-of-two factors the network absorbs), 'auto' (both where the architecture allows; off with --search 0, which stays stock ggml's bytes), 'off'.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(min=1, help="Worker threads (default: all cores).")] = None,
     tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help="REGEX=TYPE override, repeatable, first match wins.")] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option(help="Type for output.weight.")] = None,
@@ -87,10 +87,10 @@ def quantize(
         raise typer.BadParameter(str(e), param_hint="--split-max-size") from None
     if keep_split and (max_size or split_max_tensors):
         raise typer.BadParameter("use either --keep-split or --split-max-size/--split-max-tensors")
-    if global_scale not in ("auto", "sidecar", "off"):
-        raise typer.BadParameter("use 'auto', 'sidecar' or 'off'", param_hint="--global-scale")
-    if global_scale == "auto":
-        global_scale = "off" if search == 0 else "sidecar"
+    if global_scale not in ("auto", "sidecar", "rescale", "off"):
+        raise typer.BadParameter("use 'auto', 'sidecar', 'rescale' or 'off'", param_hint="--global-scale")
+    if global_scale == "auto" and search == 0:
+        global_scale = "off"
     if weighting not in ("importance", "ggml"):
         raise typer.BadParameter("use 'importance' or 'ggml'", param_hint="--weighting")
     opts = Options(

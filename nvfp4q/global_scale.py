@@ -1,4 +1,4 @@
-"""Two-level NVFP4: a per-tensor (per-expert) F32 scale written as a `.scale` sidecar.
+"""Per-tensor scales for NVFP4: `.scale` sidecars, or factors the network absorbs exactly.
 
 ggml's NVFP4 block has no per-tensor scale, so the sub-block scales of small weights fall into
 UE4M3's 3-bit subnormal range. Quantizing W/g instead, with g chosen so that the largest
@@ -6,6 +6,10 @@ element reaches the top of the grid, lets the scale codes use the normal range; 
 multiplies the matmul result by g again. Only where the architecture's graph applies the
 sidecar (it loads them everywhere and silently ignores most): SIDECARS, each entry proven by
 tests/test_global_scale.py with stock llama.cpp.
+
+Where no sidecar is applied, a tensor may still carry a free factor: RESCALES lists the kinds
+the graph makes invariant to a positive factor, so the weights are scaled by a power of two
+(exact in float32) before quantizing and nothing else changes.
 """
 
 import numpy as np
@@ -22,7 +26,13 @@ SIDECARS: dict[str, frozenset[str]] = {
     "qwen3moe": _ATTN | _EXPS,
     "gemma3": _ATTN,
 }
-MODES = ("auto", "sidecar", "off")
+# gemma3: ffn_down's output goes through post_ffw_norm (RMS norm: scale-invariant up to its
+# eps of 1e-6 against the output's mean square), and ffn_up enters only through
+# gelu(gate x) * (up x), linear in up, before ffn_down: a factor on either vanishes.
+RESCALES: dict[str, frozenset[str]] = {
+    "gemma3": frozenset({"ffn_up", "ffn_down"}),
+}
+MODES = ("auto", "sidecar", "rescale", "off")
 
 # The largest element lands on the grid's top value, 12 x decode(0x7E) = 12 x 224.
 GRID_MAX = np.float32(12 * 224)
@@ -42,6 +52,15 @@ def sidecar_name(name: str) -> str:
 
 def applies(arch: str, name: str) -> bool:
     return kind(name) in SIDECARS.get(arch, frozenset())
+
+
+def rescalable(arch: str, name: str) -> bool:
+    return kind(name) in RESCALES.get(arch, frozenset())
+
+
+def free_factor(amax: float) -> np.float32:
+    """The largest power of two that keeps the tensor's largest |w| within the grid."""
+    return np.float32(2.0 ** np.floor(np.log2(GRID_MAX / amax))) if amax > 0 else np.float32(1.0)
 
 
 def initial(amax: float) -> np.float32:

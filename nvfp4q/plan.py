@@ -50,7 +50,7 @@ class Options:
     token_embedding_type: T | None = None
     pure: bool = False
     leave_output_tensor: bool = False
-    global_scale: str = "off"  # "auto"/"sidecar": per-tensor scale sidecars where the arch applies them
+    global_scale: str = "off"  # "sidecar", "rescale" or both ("auto"): see global_scale.py
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Step:
     reason: str
     nbytes: int = field(default=0)
     sidecar: bool = False  # a `.scale` tensor follows (two-level NVFP4)
+    rescale: bool = False  # scaled by a free power-of-two factor the network absorbs
 
     @property
     def sidecar_values(self) -> int:
@@ -153,10 +154,14 @@ def plan_tensor(t: TensorInfo, arch: str, opts: Options) -> Step:
         raise ValueError(
             f"{t.name}: ne0 {t.shape[0]} does not fit {qtype.name} ({reason}); choose another type"
         )
-    sidecar = qtype == T.NVFP4 and opts.global_scale != "off" and global_scale.applies(arch, t.name)
+    nvfp4, mode = qtype == T.NVFP4, opts.global_scale
+    sidecar = nvfp4 and mode in ("auto", "sidecar") and global_scale.applies(arch, t.name)
+    rescale = nvfp4 and mode in ("auto", "rescale") and global_scale.rescalable(arch, t.name)
     if sidecar:
         reason += "; + .scale sidecar"
-    return Step(t, qtype, reason, nbytes(t.shape, qtype), sidecar)
+    if rescale:
+        reason += "; rescaled"
+    return Step(t, qtype, reason, nbytes(t.shape, qtype), sidecar, rescale)
 
 
 def make_plan(tensors: list[TensorInfo], arch: str, opts: Options) -> list[Step]:

@@ -43,6 +43,7 @@ class Job:
     imat: imatrix.Imatrix | None
     importance: dict[str, imatrix.Entry]
     missing_importance: list[str]
+    factors: dict[str, np.float32] = field(default_factory=dict)  # free factors of rescaled tensors
 
     @property
     def nbytes_out(self) -> int:
@@ -96,7 +97,16 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
             importance[name] = entry
     if missing and s.imatrix_strict:
         raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
-    return Job(model, plan, imat, importance, missing)
+    factors = {st.tensor.name: global_scale.free_factor(_amax(t, s)) for st, t in zip(plan, model.tensors)
+               if st.rescale}
+    return Job(model, plan, imat, importance, missing, factors)
+
+
+def _amax(t: gguf_io.SourceTensor, s: Settings) -> float:
+    slab = max(1, SLAB_BYTES // (4 * t.info.shape[0]))
+    amax = max(float(np.abs(rows).max()) for _, rows in _slabs(t, 0, t.rows, slab, s))
+    t.release()
+    return amax
 
 
 def check_paths(sources: list[Path], outs: list[Path], overwrite: bool) -> None:
@@ -165,13 +175,13 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
     scales = np.ones(t.rows // per_expert, np.float32) if step.sidecar else None
     for expert, first in enumerate(range(0, t.rows, per_expert)):
         imp = entry.values[expert] if entry is not None and entry.seen[expert] else None
-        g = np.float32(1.0)
+        g = np.float32(1.0) / job.factors.get(step.tensor.name, np.float32(1.0))
         if step.sidecar:
             amax = max(float(np.abs(rows).max()) for _, rows in _slabs(t, first, first + per_expert, slab, s))
             g = global_scale.initial(amax)
         sum_yq = sum_qq = 0.0
         for start, rows in _slabs(t, first, first + per_expert, slab, s):
-            y = rows / g if step.sidecar else rows
+            y = rows / g if g != 1 else rows
             enc = _encode(step, y, imp, s).view(np.uint8).reshape(len(rows), -1)
             out[start:start + len(rows)] = enc
             if step.sidecar:
@@ -191,9 +201,11 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
     g.add_quantization_version(QUANTIZATION_VERSION)
     g.add_uint32("nvfp4q.search", s.search)
     g.add_string("nvfp4q.weighting", "ggml" if s.weighting == kernels.WEIGHT_GGML else "importance")
-    sidecars = [global_scale.sidecar_name(st.tensor.name) for st in job.plan if st.sidecar]
-    g.add_string("nvfp4q.global_scale", "sidecar" if sidecars else "off")
+    sidecars = [st for st in job.plan if st.sidecar]
     g.add_uint32("nvfp4q.sidecar_count", len(sidecars))
+    if job.factors:  # the factors the network absorbs, for the record
+        g.add_array("nvfp4q.rescaled_tensors", list(job.factors))
+        g.add_array("nvfp4q.rescale_factors", [float(f) for f in job.factors.values()])
     if job.imat is not None:
         g.add_string("quantize.imatrix.file", str(job.imat.path))
         if job.imat.datasets:

@@ -83,3 +83,16 @@ def test_sizes_and_file_type():
 def test_bad_tensor_type_specs(spec):
     with pytest.raises(ValueError):
         parse_tensor_type(spec)
+
+
+def test_global_scale_modes():
+    def st(name, mode, arch="gemma3"):
+        return plan_tensor(TensorInfo(name, (640, 2048), T.F16), arch, Options(global_scale=mode))
+
+    assert st("blk.0.ffn_down.weight", "auto").rescale and not st("blk.0.ffn_down.weight", "auto").sidecar
+    assert st("blk.0.attn_q.weight", "auto").sidecar and not st("blk.0.attn_q.weight", "auto").rescale
+    assert not st("blk.0.ffn_down.weight", "sidecar").rescale
+    assert not st("blk.0.attn_q.weight", "rescale").sidecar
+    assert not st("blk.0.ffn_gate.weight", "auto").rescale  # behind a non-linearity: not free
+    assert not st("blk.0.ffn_down.weight", "auto", arch="qwen2").rescale  # no norm after it
+    assert not st("blk.0.ffn_down.weight", "off").rescale
