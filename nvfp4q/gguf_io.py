@@ -10,6 +10,7 @@ tensor at a time.
 import mmap
 import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,14 @@ class _TempShardWriter(GGUFWriter):
         return [p.with_name(f".{p.name}.{os.getpid()}.part") for p in self.final_names]
 
 
+class _FileWrite(np.ndarray):
+    """An array gguf's writer writes through the file object, not with ndarray.tofile, whose
+    short-write error has no errno ("N requested and M written"): a full disk must say so."""
+
+    def tofile(self, fid, *args, **kwargs) -> None:
+        fid.write(memoryview(self.view(np.ndarray)).cast("B"))
+
+
 class Writer:
     """Header, metadata and tensor infos through gguf's writer, then tensor data in plan order.
 
@@ -227,7 +236,7 @@ class Writer:
 
     def write_tensor(self, data: np.ndarray) -> None:
         try:
-            self._w.write_tensor_data(np.ascontiguousarray(data))
+            self._w.write_tensor_data(np.ascontiguousarray(data).view(_FileWrite))
         except OSError as e:
             raise UserError(f"writing output failed: {e.strerror or e}") from None
 
@@ -239,8 +248,13 @@ class Writer:
         except OSError as e:
             raise UserError(f"writing output failed: {e.strerror or e}") from None
         self._w.close()
-        for tmp, final in zip(self._temps, self._w.final_names):
-            os.replace(tmp, final)
+        # all parts or none: a signal arriving between two renames waits until they are done
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for tmp, final in zip(self._temps, self._w.final_names):
+                os.replace(tmp, final)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return self._w.final_names
 
     def abort(self) -> None:

@@ -49,9 +49,8 @@ def tensors(path: Path) -> dict:
     return {t.name: t for t in GGUFReader(path).tensors}
 
 
-def dequantized_copy(src: Path, dst: Path) -> Path:
-    """An F32 copy of a GGUF, every tensor decoded by gguf's own dequantizer (not ours)."""
-    r = GGUFReader(src)
+def copy_metadata(r: GGUFReader, dst: Path) -> GGUFWriter:
+    """A writer to dst with r's key/values (general.file_type left out), for a changed copy."""
     w = GGUFWriter(dst, r.get_field("general.architecture").contents())
     for f in r.fields.values():
         if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type"):
@@ -59,6 +58,13 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
         vtype = GGUFValueType(f.types[0])
         sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
         w.add_key_value(f.name, f.contents(), vtype, sub)
+    return w
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """An F32 copy of a GGUF, every tensor decoded by gguf's own dequantizer (not ours)."""
+    r = GGUFReader(src)
+    w = copy_metadata(r, dst)
     for t in r.tensors:
         if t.tensor_type in (T.F32, T.F16):
             data = np.asarray(t.data, np.float32)
@@ -74,3 +80,18 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
 
 def rel_rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)) / np.std(a))
+
+
+def decoded(ts: dict, name: str) -> np.ndarray:
+    """A tensor's values (float64, numpy order) as llama.cpp sees them: decoded by gguf's
+    dequantizer and multiplied by its .scale sidecar (one per expert) when it has one."""
+    t = ts[name]
+    raw = np.asarray(t.data)
+    values = (raw.astype(np.float64) if t.tensor_type in (T.F16, T.F32)
+              else dequantize(raw, t.tensor_type).astype(np.float64))
+    values = values.reshape(tuple(reversed([int(d) for d in t.shape])))
+    sidecar = ts.get(name.removesuffix(".weight") + ".scale")
+    if sidecar is not None:
+        scale = np.asarray(sidecar.data, np.float64).reshape(-1)
+        values = values * scale.reshape((-1,) + (1,) * (values.ndim - 1)) if scale.size > 1 else values * scale[0]
+    return values

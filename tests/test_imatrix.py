@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
-from gguf.quants import dequantize
 
-from helpers import logits, run_cli, tensors, tiny_model
+from helpers import decoded, logits, run_cli, tensors, tiny_model
 from nvfp4q import imatrix
 from nvfp4q.errors import UserError
 
@@ -330,7 +329,7 @@ def weighted_errors(src, out, importance) -> dict[str, float]:
         t = ours[name]
         assert t.tensor_type == T.NVFP4, name
         ref = np.asarray(source[name].data, np.float64).reshape(-1, imp.size)
-        dec = dequantize(np.asarray(t.data), T.NVFP4).astype(np.float64).reshape(ref.shape)
+        dec = decoded(ours, name).reshape(ref.shape)
         errors[name] = float(((dec - ref) ** 2 * imp).sum())
     return errors
 

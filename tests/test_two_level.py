@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
-from gguf.quants import dequantize
 
-from helpers import logits, rel_rmse, run_cli, tensors
+from helpers import decoded, logits, rel_rmse, run_cli, tensors
 from nvfp4q.plan import Options, TensorInfo, plan_tensor
 from scripts.make_synthetic_model import Shape, write
 
@@ -42,11 +41,6 @@ def small_weights(tmp_path_factory):
     return src, outs
 
 
-def _decoded(t, scale=None):
-    x = dequantize(np.asarray(t.data), T.NVFP4).astype(np.float64)
-    return x if scale is None else x * np.asarray(scale.data, np.float64)[0]
-
-
 def test_sidecars_cut_the_error_of_small_weights(small_weights):
     src, outs = small_weights
     source, off, on = tensors(src), tensors(outs["off"]), tensors(outs["auto"])
@@ -57,8 +51,8 @@ def test_sidecars_cut_the_error_of_small_weights(small_weights):
         x = np.asarray(source[name].data, np.float64)
         scale = on[name.removesuffix(".weight") + ".scale"]
         assert scale.tensor_type == T.F32 and list(scale.shape) == [1]
-        err_on = np.mean((_decoded(t, scale) - x) ** 2)
-        err_off = np.mean((_decoded(off[name]) - x) ** 2)
+        err_on = np.mean((decoded(on, name) - x) ** 2)
+        err_off = np.mean((decoded(off, name) - x) ** 2)
         assert err_on < 0.5 * err_off, name
 
 
