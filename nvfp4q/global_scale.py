@@ -50,8 +50,11 @@ def sidecar_name(name: str) -> str:
     return name.removesuffix(".weight") + ".scale"
 
 
-def applies(arch: str, name: str) -> bool:
-    return kind(name) in SIDECARS.get(arch, frozenset())
+def applies(arch: str, name: str, has_bias: bool = False) -> bool:
+    """build_ffn multiplies the sidecar in after adding the bias (W x + g b, and with NVFP4
+    weights it asserts), unlike attention: no FFN sidecar where the FFN has a bias."""
+    k = kind(name)
+    return k in SIDECARS.get(arch, frozenset()) and not (has_bias and k.startswith("ffn_"))
 
 
 def rescalable(arch: str, name: str) -> bool:

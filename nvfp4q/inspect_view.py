@@ -5,13 +5,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+from nvfp4q.units import human_bytes
 
 
 def _pct(share: float) -> str:

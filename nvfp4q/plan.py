@@ -138,7 +138,8 @@ def _choose(t: TensorInfo, opts: Options) -> tuple[T, str]:
     return T.NVFP4, "weight"
 
 
-def plan_tensor(t: TensorInfo, arch: str, opts: Options) -> Step:
+def plan_tensor(t: TensorInfo, arch: str, opts: Options, has_bias: bool = False) -> Step:
+    """has_bias: the weight has a `.bias` tensor (see global_scale.applies)."""
     if not allows_quantization(t.name, len(t.shape), arch, opts):
         why = "1D" if len(t.shape) < 2 else "never quantized"
         if t.name == OUTPUT and opts.leave_output_tensor:
@@ -155,7 +156,7 @@ def plan_tensor(t: TensorInfo, arch: str, opts: Options) -> Step:
             f"{t.name}: ne0 {t.shape[0]} does not fit {qtype.name} ({reason}); choose another type"
         )
     nvfp4, mode = qtype == T.NVFP4, opts.global_scale
-    sidecar = nvfp4 and mode in ("auto", "sidecar") and global_scale.applies(arch, t.name)
+    sidecar = nvfp4 and mode in ("auto", "sidecar") and global_scale.applies(arch, t.name, has_bias)
     rescale = nvfp4 and mode in ("auto", "rescale") and global_scale.rescalable(arch, t.name)
     if sidecar:
         reason += "; + .scale sidecar"
@@ -165,7 +166,8 @@ def plan_tensor(t: TensorInfo, arch: str, opts: Options) -> Step:
 
 
 def make_plan(tensors: list[TensorInfo], arch: str, opts: Options) -> list[Step]:
-    return [plan_tensor(t, arch, opts) for t in tensors]
+    names = {t.name for t in tensors}
+    return [plan_tensor(t, arch, opts, t.name.removesuffix(".weight") + ".bias" in names) for t in tensors]
 
 
 def file_type_of(plan: list[Step]) -> int:

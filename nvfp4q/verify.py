@@ -155,11 +155,16 @@ def _weights(entry: imatrix.Entry | None, n_mat: int, ne0: int) -> np.ndarray:
     return w
 
 
-def _tensor_error(files, t, s, weights) -> tuple[float, float]:
-    """Weighted sums of squared error and of squared source values over one tensor."""
+def _tensor_error(files, t, s, weights, scale) -> tuple[float, float]:
+    """Weighted sums of squared error and of squared source values over one tensor.
+
+    scale: the tensor's `.scale` sidecar values (one per expert), which llama.cpp multiplies in.
+    """
     err = ref = 0.0
     for mat, start, stop in row_ranges(t):
         q = decode(t.type, read_rows(files[0], t, start, stop)).astype(np.float64)
+        if scale is not None:
+            q *= float(scale[min(mat, len(scale) - 1)])
         x = decode(s.type, read_rows(files[1], s, start, stop)).astype(np.float64)
         w = weights[min(mat, len(weights) - 1)]
         err += float((((q - x) ** 2) * w).sum())
@@ -175,6 +180,15 @@ def _metrics(err: float, ref: float) -> dict:
 
 def _json_floats(d: dict) -> dict:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in d.items()}
+
+
+def _sidecar(f, h: gguf_header.Header, name: str) -> np.ndarray | None:
+    """The F32 `.scale` values of a weight, if its part holds them."""
+    scale_name = name.removesuffix(".weight") + ".scale"
+    for t in h.tensors:
+        if t.name == scale_name and t.type_name == "F32" and _readable(h, t):
+            return read_rows(f, t, 0, t.rows).view(np.float32).astype(np.float64).reshape(-1)
+    return None
 
 
 def _readable(h: gguf_header.Header, t: gguf_header.Tensor) -> bool:
@@ -210,7 +224,8 @@ def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path 
                 entry = imatrix.for_tensor(imat, t.name, t.shape) if imat is not None else None
                 n_mat = t.rows // max(1, t.shape[1]) if len(t.shape) >= 2 else 1
                 weights = _weights(entry, n_mat, t.shape[0])
-                err, ref = _tensor_error((files[t.part], src_files[s.part]), t, s, weights)
+                scale = _sidecar(files[t.part], h, t.name)
+                err, ref = _tensor_error((files[t.part], src_files[s.part]), t, s, weights, scale)
                 if math.isfinite(err):
                     err_total, ref_total = err_total + err, ref_total + ref
                 rows.append({"name": t.name, "type": t.type_name, "source_type": s.type_name,

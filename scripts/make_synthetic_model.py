@@ -1,19 +1,23 @@
-"""Write a synthetic f16 GGUF with a real model's tensor shapes and metadata, streamed to disk.
+"""Write a synthetic f16 (or F32) GGUF with a real model's tensor shapes and metadata, streamed to disk.
 
-Dense llama-like or Qwen3-MoE-like (3D expert tensors), weights with realistic statistics
-(per-row scales, a few outliers), a small valid tokenizer, optionally split into parts the way
-llama.cpp names them. Tests use tiny ones; benchmarks use large ones.
+Architectures llama (dense or MoE), qwen2, qwen3, qwen3moe and gemma3, each with the tensors and
+keys stock llama.cpp requires; weights with realistic statistics (per-row scales, a few
+outliers), a small valid tokenizer, optionally split into parts the way llama.cpp names them.
+Tests use tiny ones; benchmarks use large ones. `write` can also divide chosen weights by a
+factor and append extra tensors (e.g. `.scale` sidecars), in F32 where that must be exact.
 
     python scripts/make_synthetic_model.py OUT.gguf --preset llama-1b
     python scripts/make_synthetic_model.py OUT.gguf --preset qwen3moe-8g --split-max-size 2G
 """
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter, TokenType
+from numpy.typing import ArrayLike
 
 WORDS = ("the of and to in is was for on that with as by at from his her it an are were which be "
          "this had not or have one their has but they all its also new first two who been after "
@@ -30,9 +34,18 @@ class Shape:
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 36
-    experts: int = 0  # > 0: qwen3moe-style 3D expert tensors
+    experts: int = 0  # > 0: 3D expert tensors (llama reads them with ff, so give it ff == expert_ff)
     experts_used: int = 2
     expert_ff: int = 0
+    norm_eps: float = 1e-5
+    biases: tuple[str, ...] = ()  # kinds that have a `.bias` too, e.g. qwen2's attn_q/k/v
+    sliding_window: int = 0  # > 0: gemma3's interleaved sliding-window attention
+
+
+# Per-head RMS norms of Q and K after their projections.
+QK_NORM = frozenset({"qwen3", "qwen3moe", "gemma3"})
+# RMS norms on the attention output and the FFN output, before the residual adds.
+POST_NORMS = frozenset({"gemma3"})
 
 
 PRESETS = {
@@ -43,6 +56,11 @@ PRESETS = {
                          expert_ff=768),
     "tiny-llama": Shape(),
     "tiny-moe": Shape("qwen3moe", 128, 2, 256, 320, 4, 2, 32, experts=4, experts_used=2, expert_ff=128),
+    "tiny-llama-moe": Shape("llama", 128, 2, 128, 320, 4, 2, 32, experts=4, experts_used=2, expert_ff=128),
+    # qwen2 needs heads * head_dim == embd
+    "tiny-qwen2": Shape("qwen2", 128, 2, 256, 320, 4, 2, 32, biases=("attn_q", "attn_k", "attn_v")),
+    "tiny-qwen3": Shape("qwen3", 128, 2, 256, 320, 4, 2, 32, norm_eps=1e-6),
+    "tiny-gemma3": Shape("gemma3", 128, 2, 256, 320, 4, 2, 32, norm_eps=1e-6, sliding_window=64),
 }
 
 
@@ -61,27 +79,46 @@ def vocab(size: int) -> tuple[list[str], list[float], list[int]]:
 
 
 def tensors(s: Shape) -> list[tuple[str, tuple[int, ...], float]]:
-    """(name, ggml shape with ne0 first, scale) in llama.cpp's order; scale 0 means a norm (ones)."""
+    """(name, ggml shape with ne0 first, scale) in llama.cpp's order; scale 0 means a norm (ones).
+
+    1D tensors (norms, biases) are F32, the others in write's dtype.
+    """
     out = [("token_embd.weight", (s.embd, s.vocab), 8.0)]
+
+    def add(prefix: str, shape: tuple[int, ...], scale: float = 1.0) -> None:
+        out.append((prefix + ".weight", shape, scale))
+        if prefix.rsplit(".", 1)[1] in s.biases:  # of the order of the projection's output
+            out.append((prefix + ".bias", shape[1:2], 8.0))
+
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     for i in range(s.layers):
         b = f"blk.{i}."
-        out += [(b + "attn_norm.weight", (s.embd,), 0), (b + "attn_q.weight", (s.embd, q), 1.0),
-                (b + "attn_k.weight", (s.embd, kv), 1.0), (b + "attn_v.weight", (s.embd, kv), 1.0),
-                (b + "attn_output.weight", (q, s.embd), 1.0), (b + "ffn_norm.weight", (s.embd,), 0)]
+        add(b + "attn_norm", (s.embd,), 0)
+        add(b + "attn_q", (s.embd, q))
+        add(b + "attn_k", (s.embd, kv))
+        add(b + "attn_v", (s.embd, kv))
+        add(b + "attn_output", (q, s.embd))
+        if s.arch in POST_NORMS:
+            add(b + "post_attention_norm", (s.embd,), 0)
+        add(b + "ffn_norm", (s.embd,), 0)
+        if s.arch in QK_NORM:
+            add(b + "attn_q_norm", (s.head_dim,), 0)
+            add(b + "attn_k_norm", (s.head_dim,), 0)
         if s.experts:
-            out += [(b + "attn_q_norm.weight", (s.head_dim,), 0), (b + "attn_k_norm.weight", (s.head_dim,), 0),
-                    (b + "ffn_gate_inp.weight", (s.embd, s.experts), 1.0),
-                    (b + "ffn_gate_exps.weight", (s.embd, s.expert_ff, s.experts), 1.0),
-                    (b + "ffn_up_exps.weight", (s.embd, s.expert_ff, s.experts), 1.0),
-                    (b + "ffn_down_exps.weight", (s.expert_ff, s.embd, s.experts), 1.0)]
+            add(b + "ffn_gate_inp", (s.embd, s.experts))
+            add(b + "ffn_gate_exps", (s.embd, s.expert_ff, s.experts))
+            add(b + "ffn_up_exps", (s.embd, s.expert_ff, s.experts))
+            add(b + "ffn_down_exps", (s.expert_ff, s.embd, s.experts))
         else:
-            out += [(b + "ffn_gate.weight", (s.embd, s.ff), 1.0), (b + "ffn_up.weight", (s.embd, s.ff), 1.0),
-                    (b + "ffn_down.weight", (s.ff, s.embd), 1.0)]
+            add(b + "ffn_gate", (s.embd, s.ff))
+            add(b + "ffn_up", (s.embd, s.ff))
+            add(b + "ffn_down", (s.ff, s.embd))
+        if s.arch in POST_NORMS:
+            add(b + "post_ffw_norm", (s.embd,), 0)
     return out + [("output_norm.weight", (s.embd,), 0), ("output.weight", (s.embd, s.vocab), 4.0)]
 
 
-def _metadata(w: GGUFWriter, s: Shape) -> None:
+def _metadata(w: GGUFWriter, s: Shape, file_type: int) -> None:
     w.add_name(f"nvfp4q synthetic {s.arch}")
     w.add_context_length(256)
     w.add_embedding_length(s.embd)
@@ -92,8 +129,10 @@ def _metadata(w: GGUFWriter, s: Shape) -> None:
     w.add_key_length(s.head_dim)
     w.add_value_length(s.head_dim)
     w.add_rope_dimension_count(s.head_dim)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(1)  # MOSTLY_F16
+    w.add_layer_norm_rms_eps(s.norm_eps)
+    w.add_file_type(file_type)
+    if s.sliding_window:
+        w.add_sliding_window(s.sliding_window)
     if s.experts:
         w.add_expert_count(s.experts)
         w.add_expert_used_count(s.experts_used)
@@ -108,11 +147,11 @@ def _metadata(w: GGUFWriter, s: Shape) -> None:
     w.add_unk_token_id(0)
 
 
-def _weights(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
-    """f16 weights, numpy order; per-row scales and rare 8x outliers, like trained weights."""
+def _weights(rng: np.random.Generator, shape: tuple[int, ...], scale: float, dtype: type) -> np.ndarray:
+    """Weights in numpy order; per-row scales and rare 8x outliers, like trained weights."""
     ne0 = shape[0]
     rows = int(np.prod(shape[1:]))
-    out = np.empty((rows, ne0), np.float16)
+    out = np.empty((rows, ne0), dtype)
     step = max(1, (16 << 20) // ne0)
     for r in range(0, rows, step):
         n = min(step, rows - r)
@@ -122,21 +161,43 @@ def _weights(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> 
     return out.reshape(tuple(reversed(shape)))
 
 
-def write(path: Path, s: Shape, seed: int = 0, split_max_size: int = 0) -> list[Path]:
-    """Stream the model to path (or its -0000i-of-0000n parts); returns the files written."""
+def write(path: Path, s: Shape, seed: int = 0, split_max_size: int = 0, *, dtype: type = np.float16,
+          divide: Mapping[str, ArrayLike] | None = None,
+          extra: Mapping[str, ArrayLike] | None = None) -> list[Path]:
+    """Stream the model to path (or its -0000i-of-0000n parts); returns the files written.
+
+    dtype: np.float16 or np.float32, for the 2D/3D weights. divide: weight name -> factor g, a
+    scalar or one per expert, written as W / g (W as without divide; exact in F32 for powers of
+    two). extra: F32 tensors (name -> values, numpy order) written after the model's own.
+    """
+    divide, extra = dict(divide or {}), {k: np.asarray(v, np.float32) for k, v in (extra or {}).items()}
     rng = np.random.default_rng(seed)
-    w = GGUFWriter(path, s.arch, split_max_size=split_max_size)
-    _metadata(w, s)
     specs = tensors(s)
-    for name, shape, scale in specs:
-        dtype = np.float32 if scale == 0 else np.float16
-        w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    unknown = set(divide) - {name for name, _, _ in specs}
+    if unknown:
+        raise ValueError(f"divide: no such tensors {sorted(unknown)}")
+    w = GGUFWriter(path, s.arch, split_max_size=split_max_size)
+    _metadata(w, s, file_type=0 if np.dtype(dtype) == np.float32 else 1)  # ALL_F32 / MOSTLY_F16
+
+    def type_of(shape: tuple[int, ...]) -> np.dtype:
+        return np.dtype(np.float32 if len(shape) == 1 else dtype)
+
+    for name, shape, _ in specs:
+        w.add_tensor_info(name, tuple(reversed(shape)), type_of(shape), int(np.prod(shape)) * type_of(shape).itemsize)
+    for name, values in extra.items():
+        w.add_tensor_info(name, values.shape, values.dtype, values.nbytes)
     names = w.format_shard_names(path)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for name, shape, scale in specs:
-        w.write_tensor_data(np.ones(shape, np.float32) if scale == 0 else _weights(rng, shape, scale))
+        x = np.ones(shape, np.float32) if scale == 0 else _weights(rng, shape, scale, type_of(shape))
+        if name in divide:  # one factor per expert: the outermost numpy axis
+            g = np.asarray(divide[name], np.float32)
+            x = (x / g.reshape((-1,) + (1,) * (x.ndim - 1))).astype(x.dtype)
+        w.write_tensor_data(x)
+    for values in extra.values():
+        w.write_tensor_data(values)
     w.close()
     return names
 

@@ -1,22 +1,10 @@
 """End to end through the CLI, checked by stock llama.cpp (llama-cpp-python 0.3.36)."""
 
 import numpy as np
-import pytest
 from gguf import GGMLQuantizationType as T
 
 import ggml_oracle as ggml
-from helpers import dequantized_copy, logits, rel_rmse, run_cli, tensors, tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("e2e")
-    src = tiny_model(folder)
-    outs = {}
-    for search in (0, 12):
-        outs[search] = folder / f"search{search}.gguf"
-        run_cli("quantize", src, outs[search], "--search", search, "-q", check=True)
-    return src, outs
+from helpers import dequantized_copy, logits, rel_rmse, tensors
 
 
 def test_search_0_tensors_equal_stock_ggml_bytes(tiny):

@@ -67,3 +67,12 @@ def test_search_0_auto_stays_stock(small_weights, tmp_path):
     out = tmp_path / "rtn.gguf"
     run_cli("quantize", src, out, "--search", 0, "-q", check=True)
     assert not any(n.endswith(".scale") for n in tensors(out))
+
+
+def test_no_ffn_sidecar_where_the_ffn_has_a_bias():
+    from nvfp4q.plan import make_plan
+
+    ts = [TensorInfo(n, (256, 64), T.F16) for n in ("blk.0.ffn_up.weight", "blk.0.attn_q.weight")]
+    ts += [TensorInfo(n, (64,), T.F32) for n in ("blk.0.ffn_up.bias", "blk.0.attn_q.bias")]
+    up, q = make_plan(ts, "llama", Options(global_scale="sidecar"))[:2]
+    assert not up.sidecar and q.sidecar
