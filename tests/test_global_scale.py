@@ -20,7 +20,7 @@ from gguf.quants import dequantize
 import ggml_oracle as ggml
 from helpers import copy_metadata, logits, rel_rmse
 from helpers import tensors as tensors_of
-from nvfp4q.global_scale import SIDECARS, kind, sidecar_name
+from nvfp4q.global_scale import RESCALES, SIDECARS, kind, sidecar_name
 from scripts.make_synthetic_model import PRESETS, Shape, tensors, write
 
 ATTN = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -153,3 +153,23 @@ def test_output_scale_only_with_nvfp4_output(preset, tmp_path):
     w_ref, w_side = (dequantize(np.asarray(tensors_of(p)["output.weight"].data), T.NVFP4) for p in (ref, side))
     assert np.array_equal(w_side * g[0], w_ref)  # W and W/g quantize alike
     assert rel_rmse(logits(ref), logits(side)) < 1e-3
+
+
+# --- free factors (RESCALES) ---------------------------------------------------------------
+# At the architecture's real norm eps: the factors are only exact up to it, and that is the
+# claim. The factor 1024 is of the size quantize uses (2048..8192 on Gemma 3 270M).
+
+@pytest.mark.parametrize("arch", sorted(RESCALES))
+def test_free_factors_leave_logits_unchanged(arch, tmp_path):
+    s = PRESETS[f"tiny-{arch}"]
+
+    def scaled(kinds, tag):
+        names = {n: 1 / 1024 for n, _, _ in tensors(s) if kind(n) in kinds}  # W / (1/1024) = W * 1024
+        assert names
+        return logits(write(tmp_path / f"{tag}.gguf", s, dtype=np.float32, divide=names)[0])
+
+    ref = logits(write(tmp_path / "ref.gguf", s, dtype=np.float32)[0])
+    for k in sorted(RESCALES[arch]):
+        assert rel_rmse(ref, scaled({k}, k)) < 1e-3, k
+    assert rel_rmse(ref, scaled(RESCALES[arch], "all")) < 1e-3
+    assert rel_rmse(ref, scaled({"ffn_gate"}, "gate")) > 1e-2  # behind GELU: not free
