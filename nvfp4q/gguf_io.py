@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.gguf_writer import GGUFValue
 from gguf.quants import dequantize
 
-from nvfp4q import gguf_header
+from nvfp4q import gguf_header, kernels
 from nvfp4q.errors import UserError
 from nvfp4q.plan import FLOAT_SOURCES, TensorInfo
 
@@ -129,7 +129,7 @@ def to_float32(t: SourceTensor, start: int, stop: int, allow_requantize: bool) -
     if qtype == T.F32:
         return raw.view(np.float32)
     if qtype == T.F16:
-        return raw.view(np.float16).astype(np.float32)
+        return kernels.f16_to_f32(raw.view(np.uint16))
     if qtype == T.BF16:
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if allow_requantize and qtype in GGML_QUANT_SIZES and qtype not in (T.I8, T.I16, T.I32, T.I64, T.F64):

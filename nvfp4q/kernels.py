@@ -347,6 +347,54 @@ def dequantize_q8_0(blocks):
     return (q * d).reshape(rows, -1)
 
 
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, parallel=True)
+def _f16_rows(bits, out):
+    for r in prange(bits.shape[0]):
+        for j in range(bits.shape[1]):
+            out[r, j] = F16_TO_F32[bits[r, j]]
+
+
+def f16_to_f32(bits):
+    """IEEE half bits (uint16 [rows, cols]) -> float32, exact; a table gather, parallel."""
+    out = np.empty(bits.shape, np.float32)
+    _f16_rows(np.ascontiguousarray(bits), out)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _fit_sums(blocks, y, importance, sums):
+    nblocks = blocks.shape[1] // NVFP4_BYTES
+    for r in prange(blocks.shape[0]):
+        yq = 0.0
+        qq = 0.0
+        for b in range(nblocks):
+            for s in range(4):
+                d = SCALES[blocks[r, b * NVFP4_BYTES + s]]
+                for j in range(NVFP4_SUB):
+                    byte = np.int64(blocks[r, b * NVFP4_BYTES + 4 + s * 8 + j % 8])
+                    q = np.float64(KVALUES[(byte >> (4 * (j // 8))) & 15] * d)
+                    col = b * NVFP4_BLOCK + s * NVFP4_SUB + j
+                    w = np.float64(importance[col]) if importance.shape[0] > 0 else 1.0
+                    yq += w * np.float64(y[r, col]) * q
+                    qq += w * q * q
+        sums[r, 0] = yq
+        sums[r, 1] = qq
+
+
+def fit_sums(blocks, y, importance=None):
+    """sum(w*y*q) and sum(w*q*q) over NVFP4 blocks q of y: the least-squares fit of a scale.
+
+    Per-row sums in float64, added in row order, so the result does not depend on threads.
+    """
+    imp = np.empty(0, np.float32) if importance is None else np.ascontiguousarray(importance, np.float32)
+    sums = np.empty((blocks.shape[0], 2), np.float64)
+    _fit_sums(np.ascontiguousarray(blocks), np.ascontiguousarray(y, np.float32), imp, sums)
+    return float(sums[:, 0].sum()), float(sums[:, 1].sum())
+
+
 def find_nonfinite(x):
     """(row, col) of the first NaN or Inf in a 2D array, or None."""
     bad = ~np.isfinite(x)

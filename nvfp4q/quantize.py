@@ -176,19 +176,21 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
     for expert, first in enumerate(range(0, t.rows, per_expert)):
         imp = entry.values[expert] if entry is not None and entry.seen[expert] else None
         g = np.float32(1.0) / job.factors.get(step.tensor.name, np.float32(1.0))
+        slabs = _slabs(t, first, first + per_expert, slab, s)
         if step.sidecar:
-            amax = max(float(np.abs(rows).max()) for _, rows in _slabs(t, first, first + per_expert, slab, s))
+            slabs = list(slabs) if per_expert <= slab else slabs  # one slab: convert it once
+            amax = max(float(np.abs(rows).max()) for _, rows in slabs)
             g = global_scale.initial(amax)
+            if per_expert > slab:
+                slabs = _slabs(t, first, first + per_expert, slab, s)
         sum_yq = sum_qq = 0.0
-        for start, rows in _slabs(t, first, first + per_expert, slab, s):
+        for start, rows in slabs:
             y = rows / g if g != 1 else rows
             enc = _encode(step, y, imp, s).view(np.uint8).reshape(len(rows), -1)
             out[start:start + len(rows)] = enc
             if step.sidecar:
-                q = kernels.dequantize_nvfp4(enc).astype(np.float64)
-                wq = q if imp is None else q * imp
-                sum_yq += float((wq * y).sum())
-                sum_qq += float((wq * q).sum())
+                yq, qq = kernels.fit_sums(enc, y, imp)
+                sum_yq, sum_qq = sum_yq + yq, sum_qq + qq
         if step.sidecar:
             scales[expert] = global_scale.refit(g, sum_yq, sum_qq)
     return out, scales
