@@ -8,6 +8,7 @@ tensor infos.
 """
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType as V
 from nvfp4q.errors import UserError
 
 MAGIC = b"GGUF"
+_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 DEFAULT_ALIGNMENT = 32
 HEAD_ITEMS = 8  # array items kept; the rest are skipped
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -218,3 +220,16 @@ def _parse(path: Path, buf, part: int) -> Header:
     data_start = -(-c.pos // alignment) * alignment
     tensors = [Tensor(n, s, t, o, data_start + o, part) for n, s, t, o in infos]
     return Header(path, version, fields, tensors, alignment, data_start, len(buf))
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All parts of a split model named by any one part (llama.cpp's -0000i-of-0000n naming)."""
+    m = _SPLIT_RE.match(path.name)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    parts = [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise UserError(f"{path}: split part(s) missing: {', '.join(missing)}")
+    return parts

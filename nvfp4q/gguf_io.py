@@ -9,7 +9,6 @@ tensor at a time.
 
 import mmap
 import os
-import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ from nvfp4q import gguf_header, kernels
 from nvfp4q.errors import UserError
 from nvfp4q.plan import FLOAT_SOURCES, TensorInfo
 
-_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # Keys the writer owns: copying them from the source would describe the wrong file.
 _OWNED_KEYS = ("GGUF.", "split.")
 _OWNED_EXACT = ("general.architecture", "general.file_type", "general.quantization_version",
@@ -73,19 +71,6 @@ class Model:
         return sum(p.stat().st_size for p in self.paths)
 
 
-def split_parts(path: Path) -> list[Path]:
-    """All parts of a split model named by any one part (llama.cpp's -0000i-of-0000n naming)."""
-    m = _SPLIT_RE.match(path.name)
-    if not m:
-        return [path]
-    count = int(m["count"])
-    parts = [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-    missing = [p.name for p in parts if not p.exists()]
-    if missing:
-        raise UserError(f"{path}: split part(s) missing: {', '.join(missing)}")
-    return parts
-
-
 def open_reader(path: Path) -> GGUFReader:
     """gguf's reader (for small files such as imatrices), its exceptions made one line."""
     if not gguf_header.is_gguf(path):
@@ -105,7 +90,7 @@ def _map(path: Path) -> mmap.mmap:
 
 
 def open_model(path: Path) -> Model:
-    parts = split_parts(path)
+    parts = gguf_header.split_parts(path)
     headers = [gguf_header.read(p, i) for i, p in enumerate(parts)]
     tensors = []
     for h in headers:

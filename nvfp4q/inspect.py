@@ -12,7 +12,6 @@ from pathlib import Path
 
 from nvfp4q import gguf_header
 from nvfp4q.errors import UserError
-from nvfp4q.gguf_io import split_parts
 
 SCHEMA = "nvfp4q.inspect/1"
 PROVENANCE_PREFIXES = ("quantize.imatrix.", "nvfp4q.")
@@ -28,7 +27,7 @@ def describe(path: Path, tensors_regex: str | None = None, meta: bool = False, v
     decodes = verify or against is not None
     if not gguf_header.is_gguf(path):
         return _imatrix_doc(path, None, pattern, meta, decodes)
-    parts = split_parts(path)
+    parts = gguf_header.split_parts(path)
     headers = [gguf_header.read(p, i) for i, p in enumerate(parts)]
     if _is_imatrix(headers[0]):
         return _imatrix_doc(path, headers[0], pattern, meta, decodes)

@@ -16,7 +16,6 @@ from gguf.quants import dequantize
 
 from nvfp4q import gguf_header, imatrix, kernels
 from nvfp4q.errors import UserError
-from nvfp4q.gguf_io import split_parts
 
 SLAB_BYTES = 16 << 20  # decoded float32 bytes per slab
 _VIEWS = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64,
@@ -207,7 +206,7 @@ def _skip_reason(h: gguf_header.Header, t: gguf_header.Tensor, sh, s) -> str | N
 
 def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path | None) -> dict:
     """Each tensor's error against the same-named, same-shaped tensor of SOURCE, worst first."""
-    src_headers = [gguf_header.read(p, i) for i, p in enumerate(split_parts(source))]
+    src_headers = [gguf_header.read(p, i) for i, p in enumerate(gguf_header.split_parts(source))]
     imat = imatrix.load(imatrix_path) if imatrix_path is not None else None
     src = {t.name: (h, t) for h in src_headers for t in h.tensors}
     rows, skipped, err_total, ref_total = [], [], 0.0, 0.0
