@@ -21,6 +21,7 @@ MAGIC = b"GGUF"
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 DEFAULT_ALIGNMENT = 32
 HEAD_ITEMS = 8  # array items kept; the rest are skipped
+_FULL_ARRAYS = 1 << 20  # our own keys (nvfp4q.*) are read whole: --against needs the factors
 MAX_DIMS = 4  # GGML_MAX_DIMS
 _SCALARS = {
     V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
@@ -128,17 +129,17 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", "replace")
 
-    def value(self, vt: V):
+    def value(self, vt: V, limit: int = HEAD_ITEMS):
         if vt == V.STRING:
             return self.string()
         if vt == V.ARRAY:
-            return self.array()
+            return self.array(limit)
         return self.scalar(vt)
 
-    def array(self) -> Array:
+    def array(self, limit: int = HEAD_ITEMS) -> Array:
         item_type = V(self.scalar(V.UINT32))
         n = self.scalar(V.UINT64)
-        head = [self.value(item_type) for _ in range(min(n, HEAD_ITEMS))]
+        head = [self.value(item_type) for _ in range(min(n, limit))]
         self.skip(item_type, n - len(head))
         return Array(item_type, n, head)
 
@@ -203,7 +204,7 @@ def _parse(path: Path, buf, part: int) -> Header:
         key = c.string()
         start = c.pos
         vt = V(c.scalar(V.UINT32))
-        value = c.value(vt)
+        value = c.value(vt, _FULL_ARRAYS if key.startswith("nvfp4q.") else HEAD_ITEMS)
         fields[key] = Field(key, vt, value, (start, c.pos))
     align_field = fields.get("general.alignment")
     alignment = int(align_field.value) if align_field is not None else DEFAULT_ALIGNMENT

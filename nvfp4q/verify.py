@@ -209,6 +209,8 @@ def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path 
     src_headers = [gguf_header.read(p, i) for i, p in enumerate(gguf_header.split_parts(source))]
     imat = imatrix.load(imatrix_path) if imatrix_path is not None else None
     src = {t.name: (h, t) for h in src_headers for t in h.tensors}
+    names, values = (headers[0].get(f"nvfp4q.rescale{k}") for k in ("d_tensors", "_factors"))
+    factors = dict(zip(names.head, values.head)) if names is not None and values is not None else {}
     rows, skipped, err_total, ref_total = [], [], 0.0, 0.0
     with ExitStack() as stack:
         files = [stack.enter_context(open(h.path, "rb")) for h in headers]
@@ -224,6 +226,8 @@ def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path 
                 n_mat = t.rows // max(1, t.shape[1]) if len(t.shape) >= 2 else 1
                 weights = _weights(entry, n_mat, t.shape[0])
                 scale = _sidecar(files[t.part], h, t.name)
+                if t.name in factors:  # a free factor the network absorbs: undo it to compare
+                    scale = np.array([1.0 / factors[t.name]]) if scale is None else scale / factors[t.name]
                 err, ref = _tensor_error((files[t.part], src_files[s.part]), t, s, weights, scale)
                 if math.isfinite(err):
                     err_total, ref_total = err_total + err, ref_total + ref

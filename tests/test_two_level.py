@@ -1,5 +1,7 @@
 """Two-level NVFP4 in quantize: which tensors get a `.scale` sidecar, and what it buys."""
 
+import json
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -76,3 +78,22 @@ def test_no_ffn_sidecar_where_the_ffn_has_a_bias():
     ts += [TensorInfo(n, (64,), T.F32) for n in ("blk.0.ffn_up.bias", "blk.0.attn_q.bias")]
     up, q = make_plan(ts, "llama", Options(global_scale="sidecar"))[:2]
     assert not up.sidecar and q.sidecar
+
+
+def test_rescaled_gemma3_runs_and_compares_like_its_source(tmp_path):
+    from scripts.make_synthetic_model import PRESETS
+
+    src = tmp_path / "gemma3-f16.gguf"
+    write(src, PRESETS["tiny-gemma3"], seed=4)
+    out = tmp_path / "gemma3-nvfp4.gguf"
+    run_cli("quantize", src, out, "--search", 12, "-q", check=True)
+    meta = GGUFReader(out)
+    names = meta.get_field("nvfp4q.rescaled_tensors").contents()
+    factors = meta.get_field("nvfp4q.rescale_factors").contents()
+    assert sorted(names) == sorted(n for n in tensors(src) if ".ffn_up." in n or ".ffn_down." in n)
+    assert all(f > 1 and float(f).is_integer() for f in factors)  # powers of two
+    # --against undoes the factors: every NVFP4 tensor is as close to its source as 4 bits allow
+    proc = run_cli("inspect", out, "--against", src, "--json", check=True)
+    rows = {r["name"]: r for r in json.loads(proc.stdout)["against"]["tensors"]}
+    assert all(rows[n]["rel_rmse"] < 0.2 for n in names)
+    assert rel_rmse(logits(src), logits(out)) < 0.3
