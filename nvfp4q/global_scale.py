@@ -61,9 +61,16 @@ def rescalable(arch: str, name: str) -> bool:
     return kind(name) in RESCALES.get(arch, frozenset())
 
 
+# Free factors scale the activations between the tensors too, and ggml's CPU matmul quantizes
+# activations to Q8_0 with an fp16 block scale (overflows past 65504 * 127): so the largest
+# |w| goes to 64, not to the grid's top. Normal scale codes cover 15 octaves below the top, so
+# 64 still puts all sub-blocks with amax above 1/1000 of the tensor's in the normal range.
+FREE_TARGET = 64.0
+
+
 def free_factor(amax: float) -> np.float32:
-    """The largest power of two that keeps the tensor's largest |w| within the grid."""
-    return np.float32(2.0 ** np.floor(np.log2(GRID_MAX / amax))) if amax > 0 else np.float32(1.0)
+    """The largest power of two that brings the tensor's largest |w| to at most FREE_TARGET."""
+    return np.float32(2.0 ** np.floor(np.log2(FREE_TARGET / amax))) if amax > 0 else np.float32(1.0)
 
 
 def initial(amax: float) -> np.float32:

@@ -50,7 +50,7 @@ class Options:
     token_embedding_type: T | None = None
     pure: bool = False
     leave_output_tensor: bool = False
-    global_scale: str = "off"  # "sidecar", "rescale" or both ("auto"): see global_scale.py
+    global_scale: str = "off"  # "sidecar"/"auto", "rescale" (opt-in) or "off": see global_scale.py
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,8 @@ def plan_tensor(t: TensorInfo, arch: str, opts: Options, has_bias: bool = False)
             f"{t.name}: ne0 {t.shape[0]} does not fit {qtype.name} ({reason}); choose another type"
         )
     nvfp4, mode = qtype == T.NVFP4, opts.global_scale
-    sidecar = nvfp4 and mode in ("auto", "sidecar") and global_scale.applies(arch, t.name, has_bias)
-    rescale = nvfp4 and mode in ("auto", "rescale") and global_scale.rescalable(arch, t.name)
+    sidecar = nvfp4 and mode in ("auto", "sidecar", "rescale") and global_scale.applies(arch, t.name, has_bias)
+    rescale = nvfp4 and mode == "rescale" and global_scale.rescalable(arch, t.name)
     if sidecar:
         reason += "; + .scale sidecar"
     if rescale:

@@ -89,10 +89,10 @@ def test_global_scale_modes():
     def st(name, mode, arch="gemma3"):
         return plan_tensor(TensorInfo(name, (640, 2048), T.F16), arch, Options(global_scale=mode))
 
-    assert st("blk.0.ffn_down.weight", "auto").rescale and not st("blk.0.ffn_down.weight", "auto").sidecar
     assert st("blk.0.attn_q.weight", "auto").sidecar and not st("blk.0.attn_q.weight", "auto").rescale
-    assert not st("blk.0.ffn_down.weight", "sidecar").rescale
-    assert not st("blk.0.attn_q.weight", "rescale").sidecar
-    assert not st("blk.0.ffn_gate.weight", "auto").rescale  # behind a non-linearity: not free
-    assert not st("blk.0.ffn_down.weight", "auto", arch="qwen2").rescale  # no norm after it
-    assert not st("blk.0.ffn_down.weight", "off").rescale
+    assert not st("blk.0.ffn_down.weight", "auto").rescale  # free factors are opt-in
+    assert st("blk.0.ffn_down.weight", "rescale").rescale and not st("blk.0.ffn_down.weight", "rescale").sidecar
+    assert st("blk.0.attn_q.weight", "rescale").sidecar
+    assert not st("blk.0.ffn_gate.weight", "rescale").rescale  # behind a non-linearity: not free
+    assert not st("blk.0.ffn_down.weight", "rescale", arch="qwen2").rescale  # no norm after it
+    assert not st("blk.0.ffn_down.weight", "off").rescale and not st("blk.0.attn_q.weight", "off").sidecar
