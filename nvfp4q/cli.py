@@ -74,7 +74,7 @@ def quantize(
 ) -> None:
     """Quantize SRC into OUT: 2D weights to NVFP4, embeddings and output to Q8_0."""
     from nvfp4q import kernels, report
-    from nvfp4q.plan import Options, parse_tensor_type
+    from nvfp4q.plan import FLOAT_SOURCES, Options, parse_tensor_type
     from nvfp4q.quantize import Settings, parse_size, prepare, run
 
     try:
@@ -115,6 +115,10 @@ def quantize(
         if dry_run:
             report.plan_table(job)
             return
+        requantized = [st for st in job.plan if st.converts and st.tensor.type not in FLOAT_SOURCES]
+        if requantized:
+            print(f"nvfp4q: warning: {len(requantized)} tensor(s) decoded from quantized types and "
+                  "quantized again: quality suffers", file=sys.stderr)
         if verbose:
             for name in job.missing_importance:
                 print(f"nvfp4q: no imatrix data for {name}", file=sys.stderr)

@@ -90,7 +90,8 @@ def test_quantized_source_needs_allow_requantize(tmp_path):
     q = gguf_quantize(x, T.Q4_0)
     m = write_model(tmp_path / "q4.gguf", {}, [("blk.0.attn_q.weight", q, q.shape, T.Q4_0)])
     assert_clean_failure(run_cli("quantize", m, tmp_path / "out.gguf"), tmp_path, match="--allow-requantize")
-    run_cli("quantize", m, tmp_path / "out.gguf", "--allow-requantize", "-q", check=True)
+    proc = run_cli("quantize", m, tmp_path / "out.gguf", "--allow-requantize", "-q", check=True)
+    assert proc.stderr.startswith("nvfp4q: warning: 1 tensor(s) decoded from quantized types")
     assert tensors(tmp_path / "out.gguf")["blk.0.attn_q.weight"].tensor_type == T.NVFP4
 
 
