@@ -100,11 +100,16 @@ def _level(a, d):
 
 
 @njit(cache=True, inline="always")
-def _nibble(x, d, amax):
-    if amax > d * EXACT_RATIO:
-        return _nearest(x, d)
-    m = _level(abs(x), d)
-    return m + 8 if (m > 0 and x < np.float32(0.0)) else m
+def _term(aj, wj, d):
+    """w (a - q)^2 with q the value nearest a at scale d: the step heights of MAGS
+    (1,1,1,1,2,2,4) summed over passed midpoints, branch-free so that LLVM vectorizes it,
+    and exact (small integers times d)."""
+    k = (np.float32(aj > HALF * d) + np.float32(aj > ONE_HALF * d)
+         + np.float32(aj > TWO_HALF * d) + np.float32(aj > THREE_HALF * d)
+         + F2 * (np.float32(aj > F5 * d) + np.float32(aj > F7 * d))
+         + F4 * np.float32(aj > F10 * d))
+    diff = aj - k * d
+    return (wj * diff) * diff
 
 
 @njit(cache=True, inline="always")
@@ -120,16 +125,7 @@ def _accumulate(a, w, j0, j1, scales, err, n):
     for j in range(j0, j1):
         aj, wj = a[j], w[j]
         for c in range(n):
-            d = scales[c]
-            # the step heights of MAGS (1,1,1,1,2,2,4) summed over passed midpoints:
-            # branch-free, so LLVM vectorizes it, and exact (small integers times d)
-            k = (np.float32(aj > HALF * d) + np.float32(aj > ONE_HALF * d)
-                 + np.float32(aj > TWO_HALF * d) + np.float32(aj > THREE_HALF * d)
-                 + F2 * (np.float32(aj > F5 * d) + np.float32(aj > F7 * d))
-                 + F4 * np.float32(aj > F10 * d))
-            q = k * d
-            diff = aj - q
-            err[c] += (wj * diff) * diff
+            err[c] += _term(aj, wj, scales[c])
 
 
 @njit(cache=True, inline="always")
@@ -178,10 +174,11 @@ def _search(x, a, w, amax, jmax, base, search, scratch):
             err[c] = _scan_error(x, w, SCALES[first + c])
         return _best(err, codes, n, np.float32(np.inf), MAX_CODE + 1)
     d = SCALES[base]
+    for j in range(NVFP4_SUB):  # terms as vector lanes, then their sum in the defined order
+        err[j] = _term(a[j], w[j], d)
     bound = np.float32(0.0)
     for j in range(NVFP4_SUB):
-        diff = a[j] - MAGS[_level(a[j], d)] * d
-        bound += (w[j] * diff) * diff
+        bound += err[j]
     while first < base:
         diff = amax - F12 * SCALES[first]
         if not (diff > 0 and (w[jmax] * diff) * diff > bound):
@@ -213,6 +210,7 @@ def _encode_row(x, w, search, out):
     """One row of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes)."""
     nblocks = x.shape[0] // NVFP4_BLOCK
     a = np.empty(NVFP4_SUB, np.float32)
+    nib = np.empty(NVFP4_SUB, np.uint8)
     scratch = np.empty((3, _lanes(MAX_CODE + 2)), np.float32)
     for b in range(nblocks):
         ob = b * NVFP4_BYTES
@@ -231,10 +229,15 @@ def _encode_row(x, w, search, out):
                 code = _search(x[off:off + NVFP4_SUB], a, w[off:off + NVFP4_SUB], amax, jmax, base, search, scratch)
             d = SCALES[code]
             out[ob + s] = code
+            if amax > d * EXACT_RATIO:
+                for j in range(NVFP4_SUB):
+                    nib[j] = _nearest(x[off + j], d)
+            else:
+                for j in range(NVFP4_SUB):  # branch-free: vectorizes
+                    m = _level(a[j], d)
+                    nib[j] = m + 8 * ((m > 0) & (x[off + j] < np.float32(0.0)))
             for j in range(8):
-                lo_n = _nibble(x[off + j], d, amax)
-                hi_n = _nibble(x[off + j + 8], d, amax)
-                out[ob + 4 + s * 8 + j] = lo_n | (hi_n << 4)
+                out[ob + 4 + s * 8 + j] = nib[j] | (nib[j + 8] << 4)
 
 
 @njit(cache=True)
