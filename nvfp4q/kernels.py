@@ -398,10 +398,28 @@ def fit_sums(blocks, y, importance=None):
     return float(sums[:, 0].sum()), float(sums[:, 1].sum())
 
 
-def find_nonfinite(x):
-    """(row, col) of the first NaN or Inf in a 2D array, or None."""
-    bad = ~np.isfinite(x)
-    if not bad.any():
-        return None
-    row, col = np.unravel_index(int(np.argmax(bad)), x.shape)
-    return int(row), int(col)
+@njit(cache=True, parallel=True)
+def _row_scan(x, amax, bad):
+    for r in prange(x.shape[0]):
+        m = np.float32(0.0)
+        first = -1
+        for j in range(x.shape[1]):
+            v = x[r, j]
+            if not np.isfinite(v):
+                if first < 0:
+                    first = j
+            elif abs(v) > m:
+                m = abs(v)
+        amax[r] = m
+        bad[r] = first
+
+
+def scan(x):
+    """(largest |x|, (row, col) of the first NaN/Inf or None) of a 2D float32 array, one pass."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    amax = np.empty(x.shape[0], np.float32)
+    bad = np.empty(x.shape[0], np.int64)
+    _row_scan(x, amax, bad)
+    rows = np.flatnonzero(bad >= 0)
+    first = (int(rows[0]), int(bad[rows[0]])) if rows.size else None
+    return (float(amax.max()) if amax.size else 0.0), first

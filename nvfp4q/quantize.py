@@ -104,7 +104,7 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
 
 def _amax(t: gguf_io.SourceTensor, s: Settings) -> float:
     slab = max(1, SLAB_BYTES // (4 * t.info.shape[0]))
-    amax = max(float(np.abs(rows).max()) for _, rows in _slabs(t, 0, t.rows, slab, s))
+    amax = max(m for _, _, m in _slabs(t, 0, t.rows, slab, s))
     t.release()
     return amax
 
@@ -147,14 +147,14 @@ def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Sett
 
 
 def _slabs(t: gguf_io.SourceTensor, first: int, stop: int, slab: int, s: Settings):
-    """(start, float32 rows) over rows [first, stop), checked for NaN/Inf."""
+    """(start, float32 rows, their largest |w|) over rows [first, stop), checked for NaN/Inf."""
     for start in range(first, stop, slab):
         rows = gguf_io.to_float32(t, start, min(start + slab, stop), s.allow_requantize)
-        bad = kernels.find_nonfinite(rows)
+        amax, bad = kernels.scan(rows)
         if bad is not None:
             r, c = bad
             raise UserError(f"tensor {t.info.name}: non-finite value {rows[r, c]} at row {start + r}, column {c}")
-        yield start, rows
+        yield start, rows, amax
 
 
 def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.ndarray | None]:
@@ -179,12 +179,12 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
         slabs = _slabs(t, first, first + per_expert, slab, s)
         if step.sidecar:
             slabs = list(slabs) if per_expert <= slab else slabs  # one slab: convert it once
-            amax = max(float(np.abs(rows).max()) for _, rows in slabs)
+            amax = max(m for _, _, m in slabs)
             g = global_scale.initial(amax)
             if per_expert > slab:
                 slabs = _slabs(t, first, first + per_expert, slab, s)
         sum_yq = sum_qq = 0.0
-        for start, rows in slabs:
+        for start, rows, _ in slabs:
             y = rows / g if g != 1 else rows
             enc = _encode(step, y, imp, s).view(np.uint8).reshape(len(rows), -1)
             out[start:start + len(rows)] = enc

@@ -3,8 +3,9 @@
     python scripts/bench_e2e.py [--presets llama-1b qwen3moe-8g] [--work /tmp/nvfp4q-bench]
 
 For each synthetic model (made by make_synthetic_model.py unless already there) it runs, each in
-its own process: `nvfp4q quantize --search 12` and stock llama.cpp's llama_model_quantize to
-Q8_0 (through llama-cpp-python) with the same thread count, and prints wall time, weights/s,
+its own process after reading the source once (same page-cache state for both):
+`nvfp4q quantize --search 12` and stock llama.cpp's llama_model_quantize to Q8_0 (through
+llama-cpp-python) with the same thread count, and prints wall time, weights/s,
 peak RSS and the ratios the targets are stated in: wall time against llama.cpp's Q8_0, and peak
 RSS against the largest tensor in float32 (it must not grow with model size).
 """
@@ -46,6 +47,13 @@ def measure(cmd: list[str]) -> tuple[float, int]:
     return float(wall), int(rss)
 
 
+def warm(path: Path) -> None:
+    """Read the file once so that both tools start with it in the page cache."""
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
 def model(work: Path, preset: str) -> Path:
     path = work / f"{preset}-f16.gguf"
     if not path.exists():
@@ -72,8 +80,10 @@ def main() -> None:
         n = sum(t.n_elements for t in h.tensors)
         largest = max(t.n_elements for t in h.tensors) * 4
         out = a.work / f"{preset}-out.gguf"
+        warm(src)
         nv = measure([sys.executable, "-m", "nvfp4q", "quantize", str(src), str(out), "--search", str(a.search),
                       "--threads", str(a.threads), "-q", "--overwrite"])
+        warm(src)
         ll = measure([sys.executable, "-c", LLAMA_Q8_0, str(src), str(out), str(a.threads)])
         out.unlink()
         rows.append((preset, src.stat().st_size, n, largest, nv, ll))

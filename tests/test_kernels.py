@@ -167,12 +167,14 @@ def test_bytes_do_not_depend_on_thread_count():
         assert np.array_equal(a, b)
 
 
-def test_nonfinite_is_located():
+def test_scan_finds_amax_and_the_first_nonfinite():
     x = np.zeros((4, 64), np.float32)
-    assert K.find_nonfinite(x) is None
+    x[1, 3] = -7.5
+    assert K.scan(x) == (7.5, None)
     x[2, 17] = np.inf
     x[3, 1] = np.nan
-    assert K.find_nonfinite(x) == (2, 17)
+    x[2, 40] = -np.inf
+    assert K.scan(x) == (7.5, (2, 17))
 
 
 def test_bad_shapes_and_windows_are_rejected():
