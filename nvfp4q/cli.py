@@ -74,6 +74,7 @@ def quantize(
 ) -> None:
     """Quantize SRC into OUT: 2D weights to NVFP4, embeddings and output to Q8_0."""
     from nvfp4q import kernels, report
+    from nvfp4q.global_scale import MODES
     from nvfp4q.plan import FLOAT_SOURCES, Options, parse_tensor_type
     from nvfp4q.quantize import Settings, parse_size, prepare, run
 
@@ -87,8 +88,8 @@ def quantize(
         raise typer.BadParameter(str(e), param_hint="--split-max-size") from None
     if keep_split and (max_size or split_max_tensors):
         raise typer.BadParameter("use either --keep-split or --split-max-size/--split-max-tensors")
-    if global_scale not in ("auto", "sidecar", "rescale", "off"):
-        raise typer.BadParameter("use 'auto', 'sidecar', 'rescale' or 'off'", param_hint="--global-scale")
+    if global_scale not in MODES:
+        raise typer.BadParameter(f"use one of {', '.join(MODES)}", param_hint="--global-scale")
     if global_scale == "auto" and search == 0:
         global_scale = "off"
     if weighting not in ("importance", "ggml"):

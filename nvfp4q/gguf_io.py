@@ -116,7 +116,7 @@ def to_float32(t: SourceTensor, start: int, stop: int, allow_requantize: bool) -
     if qtype == T.F16:
         return kernels.f16_to_f32(raw.view(np.uint16))
     if qtype == T.BF16:
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return kernels.bf16_to_f32(raw.view(np.uint16))
     if allow_requantize and qtype in GGML_QUANT_SIZES and qtype not in (T.I8, T.I16, T.I32, T.I64, T.F64):
         return dequantize(raw, qtype).astype(np.float32).reshape(stop - start, -1)
     raise UserError(f"tensor {t.info.name}: cannot convert from type {qtype.name}")

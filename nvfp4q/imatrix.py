@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nvfp4q import gguf_header
 from nvfp4q.errors import UserError
 
-GGUF_MAGIC = b"GGUF"
 _SUM2, _COUNTS = ".in_sum2", ".counts"
 
 
@@ -36,9 +36,7 @@ def load(path: Path) -> Imatrix:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such imatrix file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    imat = _load_gguf(path) if magic == GGUF_MAGIC else _load_dat(path)
+    imat = _load_gguf(path) if gguf_header.is_gguf(path) else _load_dat(path)
     for name, e in imat.entries.items():
         if not np.all(np.isfinite(e.values)):
             raise UserError(f"{path}: imatrix entry {name} has non-finite values")

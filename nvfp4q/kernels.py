@@ -367,6 +367,11 @@ def f16_to_f32(bits):
     return out
 
 
+def bf16_to_f32(bits):
+    """bfloat16 bits (uint16) -> float32, exact: they are the top half of a float32."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 @njit(cache=True, parallel=True)
 def _fit_sums(blocks, y, importance, sums):
     nblocks = blocks.shape[1] // NVFP4_BYTES
