@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from nvfp4q import gguf_header, imatrix, kernels
+from nvfp4q import global_scale, gguf_header, imatrix, kernels
 from nvfp4q.errors import UserError
 
 SLAB_BYTES = 16 << 20  # decoded float32 bytes per slab
@@ -30,7 +30,7 @@ def decode(qtype: T, raw: np.ndarray) -> np.ndarray:
     if qtype == T.Q8_0:
         return kernels.dequantize_q8_0(raw)
     if qtype == T.BF16:
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return kernels.bf16_to_f32(raw.view(np.uint16))
     if qtype in _VIEWS:
         return raw.view(_VIEWS[qtype])
     return dequantize(raw, qtype).reshape(raw.shape[0], -1)
@@ -181,13 +181,12 @@ def _json_floats(d: dict) -> dict:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in d.items()}
 
 
-def _sidecar(f, h: gguf_header.Header, name: str) -> np.ndarray | None:
-    """The F32 `.scale` values of a weight, if its part holds them."""
-    scale_name = name.removesuffix(".weight") + ".scale"
-    for t in h.tensors:
-        if t.name == scale_name and t.type_name == "F32" and _readable(h, t):
-            return read_rows(f, t, 0, t.rows).view(np.float32).astype(np.float64).reshape(-1)
-    return None
+def _sidecar(files, tensors: dict, name: str) -> np.ndarray | None:
+    """The F32 `.scale` values of a weight, in whichever part of the model holds them."""
+    h, t = tensors.get(global_scale.sidecar_name(name), (None, None))
+    if t is None or t.type_name != "F32" or not _readable(h, t):
+        return None
+    return read_rows(files[t.part], t, 0, t.rows).view(np.float32).astype(np.float64).reshape(-1)
 
 
 def _readable(h: gguf_header.Header, t: gguf_header.Tensor) -> bool:
@@ -209,6 +208,7 @@ def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path 
     src_headers = [gguf_header.read(p, i) for i, p in enumerate(gguf_header.split_parts(source))]
     imat = imatrix.load(imatrix_path) if imatrix_path is not None else None
     src = {t.name: (h, t) for h in src_headers for t in h.tensors}
+    ours = {t.name: (h, t) for h in headers for t in h.tensors}
     names, values = (headers[0].get(f"nvfp4q.rescale{k}") for k in ("d_tensors", "_factors"))
     factors = dict(zip(names.head, values.head)) if names is not None and values is not None else {}
     rows, skipped, err_total, ref_total = [], [], 0.0, 0.0
@@ -225,7 +225,7 @@ def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path 
                 entry = imatrix.for_tensor(imat, t.name, t.shape) if imat is not None else None
                 n_mat = t.rows // max(1, t.shape[1]) if len(t.shape) >= 2 else 1
                 weights = _weights(entry, n_mat, t.shape[0])
-                scale = _sidecar(files[t.part], h, t.name)
+                scale = _sidecar(files, ours, t.name)
                 if t.name in factors:  # a free factor the network absorbs: undo it to compare
                     scale = np.array([1.0 / factors[t.name]]) if scale is None else scale / factors[t.name]
                 err, ref = _tensor_error((files[t.part], src_files[s.part]), t, s, weights, scale)

@@ -408,3 +408,18 @@ def test_against_with_imatrix_weights_columns(tiny, tmp_path):
     assert rows[name]["rel_rmse"] == pytest.approx(rel_error(q, x, w), rel=1e-6)
     assert rows[name]["rel_rmse"] != pytest.approx(plain[name]["rel_rmse"], rel=1e-4)
     assert rows["blk.0.attn_k.weight"] == plain["blk.0.attn_k.weight"]
+
+
+def test_against_finds_a_sidecar_in_another_part(tiny, tmp_path):
+    src, outs = tiny
+    names = list(tensors(outs[12]))
+    # a split right after a weight puts its .scale sidecar first in the next part
+    cut = next(i for i, n in enumerate(names) if n.endswith(".scale"))
+    out = tmp_path / "split.gguf"
+    run_cli("quantize", src, out, "--search", 12, "--split-max-tensors", cut, "-q", check=True)
+    first = tmp_path / f"split-00001-of-{-(-len(names) // cut):05d}.gguf"
+    assert list(tensors(first))[-1] == names[cut - 1] == names[cut].replace(".scale", ".weight")
+    whole = inspect_json(outs[12], "--against", src)["against"]
+    parts = inspect_json(first, "--against", src)["against"]
+    assert parts["total"] == whole["total"]
+    assert parts["tensors"] == whole["tensors"]
