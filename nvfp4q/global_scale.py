@@ -7,10 +7,12 @@ multiplies the matmul result by g again. Only where the architecture's graph app
 sidecar (it loads them everywhere and silently ignores most): SIDECARS, each entry proven by
 tests/test_global_scale.py with stock llama.cpp.
 
-Where no sidecar is applied, a tensor may still carry a free factor: RESCALES lists the kinds
-the graph makes invariant to a positive factor, so the weights are scaled by a power of two
-(exact in float32) before quantizing and nothing else changes.
+Where no sidecar is applied, powers of two can be moved between tensors whose product the
+network computes exactly (RESCALES): the weights change, the function does not, and nothing
+is added to the file.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,11 +28,29 @@ SIDECARS: dict[str, frozenset[str]] = {
     "qwen3moe": _ATTN | _EXPS,
     "gemma3": _ATTN,
 }
-# gemma3: ffn_down's output goes through post_ffw_norm (RMS norm: scale-invariant up to its
-# eps of 1e-6 against the output's mean square), and ffn_up enters only through
-# gelu(gate x) * (up x), linear in up, before ffn_down: a factor on either vanishes.
-RESCALES: dict[str, frozenset[str]] = {
-    "gemma3": frozenset({"ffn_up", "ffn_down"}),
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """A layer's exact power-of-two transform: the RMS norm weight `norm` is divided by a and
+    the weights reading its output (`inputs`) are multiplied by a; then `pair[0]` is divided
+    by b and `pair[1]` multiplied by b, where pair[1] reads pair[0]'s output linearly."""
+
+    norm: str
+    inputs: tuple[str, ...]
+    pair: tuple[str, str]
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset((self.norm, *self.inputs, *self.pair))
+
+
+# A gated FFN after a pre-norm: ffn_norm(x) feeds only gate and up, and ffn_down reads
+# act(gate x) * (up x), linear in up. Where FFN sidecars are ignored (src/models/<arch>.cpp).
+GATED_FFN = Rescale("ffn_norm", ("ffn_gate", "ffn_up"), ("ffn_up", "ffn_down"))
+RESCALES: dict[str, Rescale] = {
+    "gemma3": GATED_FFN,
+    "qwen2": GATED_FFN,
 }
 MODES = ("auto", "sidecar", "rescale", "off")
 
@@ -57,20 +77,40 @@ def applies(arch: str, name: str, has_bias: bool = False) -> bool:
     return k in SIDECARS.get(arch, frozenset()) and not (has_bias and k.startswith("ffn_"))
 
 
-def rescalable(arch: str, name: str) -> bool:
-    return kind(name) in RESCALES.get(arch, frozenset())
+# The inputs' largest |w| goes to at most 2^6 (a), then up and down meet halfway (b). Far
+# below the grid's top: a also divides the activations the inputs read, and ggml's CPU matmul
+# quantizes those to Q8_0 with an fp16 block scale; 64 already puts every sub-block with amax
+# above 1/1000 of the tensor's in UE4M3's normal range.
+TARGET = 64.0
 
 
-# Free factors scale the activations between the tensors too, and ggml's CPU matmul quantizes
-# activations to Q8_0 with an fp16 block scale (overflows past 65504 * 127): so the largest
-# |w| goes to 64, not to the grid's top. Normal scale codes cover 15 octaves below the top, so
-# 64 still puts all sub-blocks with amax above 1/1000 of the tensor's in the normal range.
-FREE_TARGET = 64.0
+def _pow2(ratio: float, rounding) -> float:
+    return float(2.0 ** rounding(np.log2(ratio))) if 0 < ratio < np.inf else 1.0
 
 
-def free_factor(amax: float) -> np.float32:
-    """The largest power of two that brings the tensor's largest |w| to at most FREE_TARGET."""
-    return np.float32(2.0 ** np.floor(np.log2(FREE_TARGET / amax))) if amax > 0 else np.float32(1.0)
+def layer_factors(rule: Rescale, amax: dict[str, float]) -> dict[str, float]:
+    """Each kind's factor (the tensor is written as W * factor), from the weights' largest |w|."""
+    top = max(amax[k] for k in rule.inputs)
+    a = _pow2(TARGET / top if top > 0 else 0.0, np.floor)
+    factors = {k: a for k in rule.inputs} | {rule.norm: 1.0 / a}
+    first, second = rule.pair
+    if amax[second] > 0:  # both end at sqrt(amax_first * factor_first * amax_second)
+        b = _pow2(np.sqrt(amax[first] * factors.get(first, 1.0) / amax[second]), np.round)
+        factors[first] = factors.get(first, 1.0) / b
+        factors[second] = factors.get(second, 1.0) * b
+    return factors
+
+
+def rescaled_layers(arch: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """'blk.N.' -> {kind: tensor name} for each layer that has every tensor its rule touches."""
+    rule = RESCALES.get(arch)
+    if rule is None:
+        return {}
+    layers: dict[str, dict[str, str]] = {}
+    for name in names:
+        if kind(name) in rule.kinds:
+            layers.setdefault(name[: name.index(".", 4) + 1], {})[kind(name)] = name
+    return {prefix: members for prefix, members in layers.items() if len(members) == len(rule.kinds)}
 
 
 def initial(amax: float) -> np.float32:

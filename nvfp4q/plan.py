@@ -5,7 +5,7 @@ run agree by construction and every rule is testable without files.
 """
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
@@ -50,7 +50,7 @@ class Options:
     token_embedding_type: T | None = None
     pure: bool = False
     leave_output_tensor: bool = False
-    global_scale: str = "off"  # "sidecar"/"auto", "rescale" (opt-in) or "off": see global_scale.py
+    global_scale: str = "off"  # one of global_scale.MODES: "auto" is "sidecar" and "rescale"
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Step:
     reason: str
     nbytes: int = field(default=0)
     sidecar: bool = False  # a `.scale` tensor follows (two-level NVFP4)
-    rescale: bool = False  # scaled by a free power-of-two factor the network absorbs
+    rescale: bool = False  # written times a power of two its layer's rule compensates exactly
 
     @property
     def sidecar_values(self) -> int:
@@ -76,7 +76,7 @@ class Step:
 
     @property
     def converts(self) -> bool:
-        return self.type != self.tensor.type
+        return self.type != self.tensor.type or self.rescale
 
 
 def parse_type(name: str) -> T:
@@ -155,19 +155,37 @@ def plan_tensor(t: TensorInfo, arch: str, opts: Options, has_bias: bool = False)
         raise ValueError(
             f"{t.name}: ne0 {t.shape[0]} does not fit {qtype.name} ({reason}); choose another type"
         )
-    nvfp4, mode = qtype == T.NVFP4, opts.global_scale
-    sidecar = nvfp4 and mode in ("auto", "sidecar", "rescale") and global_scale.applies(arch, t.name, has_bias)
-    rescale = nvfp4 and mode == "rescale" and global_scale.rescalable(arch, t.name)
+    sidecar = (qtype == T.NVFP4 and opts.global_scale in ("auto", "sidecar")
+               and global_scale.applies(arch, t.name, has_bias))
     if sidecar:
         reason += "; + .scale sidecar"
-    if rescale:
-        reason += "; rescaled"
-    return Step(t, qtype, reason, nbytes(t.shape, qtype), sidecar, rescale)
+    return Step(t, qtype, reason, nbytes(t.shape, qtype), sidecar)
+
+
+def _rescale(plan: list[Step], arch: str, opts: Options) -> list[Step]:
+    """Mark the layers whose rescaling rule applies whole: its weights all NVFP4 and its norm a
+    float tensor, written as F32 so that dividing it by a power of two stays exact."""
+    if opts.global_scale not in ("auto", "rescale"):
+        return plan
+    at = {s.tensor.name: i for i, s in enumerate(plan)}
+    norm = global_scale.RESCALES[arch].norm if arch in global_scale.RESCALES else None
+    plan = list(plan)
+    for members in global_scale.rescaled_layers(arch, list(at)).values():
+        steps = {k: plan[at[name]] for k, name in members.items()}
+        if steps[norm].type not in FLOAT_SOURCES or any(
+                s.type != T.NVFP4 or s.sidecar for k, s in steps.items() if k != norm):
+            continue
+        for k, s in steps.items():
+            qtype = T.F32 if k == norm else s.type
+            plan[at[s.tensor.name]] = replace(s, type=qtype, nbytes=nbytes(s.tensor.shape, qtype),
+                                              reason=s.reason + "; rescaled", rescale=True)
+    return plan
 
 
 def make_plan(tensors: list[TensorInfo], arch: str, opts: Options) -> list[Step]:
     names = {t.name for t in tensors}
-    return [plan_tensor(t, arch, opts, t.name.removesuffix(".weight") + ".bias" in names) for t in tensors]
+    plan = [plan_tensor(t, arch, opts, t.name.removesuffix(".weight") + ".bias" in names) for t in tensors]
+    return _rescale(plan, arch, opts)
 
 
 def file_type_of(plan: list[Step]) -> int:

@@ -43,7 +43,7 @@ class Job:
     imat: imatrix.Imatrix | None
     importance: dict[str, imatrix.Entry]
     missing_importance: list[str]
-    factors: dict[str, np.float32] = field(default_factory=dict)  # free factors of rescaled tensors
+    factors: dict[str, np.float32] = field(default_factory=dict)  # of rescaled tensors: written as W * factor
 
     @property
     def nbytes_out(self) -> int:
@@ -97,9 +97,18 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
             importance[name] = entry
     if missing and s.imatrix_strict:
         raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
-    factors = {st.tensor.name: global_scale.free_factor(_amax(t, s)) for st, t in zip(plan, model.tensors)
-               if st.rescale}
-    return Job(model, plan, imat, importance, missing, factors)
+    return Job(model, plan, imat, importance, missing, _factors(model, plan, s))
+
+
+def _factors(model: gguf_io.Model, plan: list[Step], s: Settings) -> dict[str, np.float32]:
+    """The power of two each rescaled tensor is multiplied by, from its layer's weights."""
+    tensors = {st.tensor.name: t for st, t in zip(plan, model.tensors) if st.rescale}
+    factors = {}
+    for members in global_scale.rescaled_layers(model.arch, list(tensors)).values():
+        rule = global_scale.RESCALES[model.arch]
+        amax = {k: _amax(tensors[name], s) for k, name in members.items() if k != rule.norm}
+        factors |= {members[k]: np.float32(f) for k, f in global_scale.layer_factors(rule, amax).items()}
+    return factors
 
 
 def _amax(t: gguf_io.SourceTensor, s: Settings) -> float:
@@ -205,7 +214,7 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
     g.add_string("nvfp4q.weighting", "ggml" if s.weighting == kernels.WEIGHT_GGML else "importance")
     sidecars = [st for st in job.plan if st.sidecar]
     g.add_uint32("nvfp4q.sidecar_count", len(sidecars))
-    if job.factors:  # the factors the network absorbs, for the record
+    if job.factors:  # for the record, and for inspect --against to undo
         g.add_array("nvfp4q.rescaled_tensors", list(job.factors))
         g.add_array("nvfp4q.rescale_factors", [float(f) for f in job.factors.values()])
     if job.imat is not None:

@@ -226,7 +226,7 @@ def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path 
                 n_mat = t.rows // max(1, t.shape[1]) if len(t.shape) >= 2 else 1
                 weights = _weights(entry, n_mat, t.shape[0])
                 scale = _sidecar(files, ours, t.name)
-                if t.name in factors:  # a free factor the network absorbs: undo it to compare
+                if t.name in factors:  # written as W * factor (rescaling): undo it to compare
                     scale = np.array([1.0 / factors[t.name]]) if scale is None else scale / factors[t.name]
                 err, ref = _tensor_error((files[t.part], src_files[s.part]), t, s, weights, scale)
                 if math.isfinite(err):

@@ -20,7 +20,7 @@ from gguf.quants import dequantize
 import ggml_oracle as ggml
 from helpers import copy_metadata, logits, rel_rmse
 from helpers import tensors as tensors_of
-from nvfp4q.global_scale import RESCALES, SIDECARS, kind, sidecar_name
+from nvfp4q.global_scale import RESCALES, SIDECARS, kind, layer_factors, sidecar_name
 from scripts.make_synthetic_model import PRESETS, Shape, tensors, write
 
 ATTN = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -155,21 +155,32 @@ def test_output_scale_only_with_nvfp4_output(preset, tmp_path):
     assert rel_rmse(logits(ref), logits(side)) < 1e-3
 
 
-# --- free factors (RESCALES) ---------------------------------------------------------------
-# At the architecture's real norm eps: the factors are only exact up to it, and that is the
-# claim. The factor 1024 is of the size quantize uses (2048..8192 on Gemma 3 270M).
+# --- exact rescaling (RESCALES) -----------------------------------------------------------
+# Factors from the rule itself, for weights whose largest |w| is 1/2 (inputs) and 1/4
+# (pair[1]): a = 128, b = 16, none of them 1. At EPS = 0.5, a rule that leaned on a norm's
+# scale invariance (a free factor before a norm) would be off by a few percent.
+
+def rule_factors(arch: str) -> dict[str, float]:
+    rule = RESCALES[arch]
+    amax = {k: 0.5 for k in rule.inputs} | {rule.pair[1]: 0.25}
+    return layer_factors(rule, amax)
+
+
+def test_rescaled_kinds_have_no_sidecar():
+    assert all(not (RESCALES[arch].kinds & SIDECARS.get(arch, frozenset())) for arch in RESCALES)
+
 
 @pytest.mark.parametrize("arch", sorted(RESCALES))
-def test_free_factors_leave_logits_unchanged(arch, tmp_path):
-    s = PRESETS[f"tiny-{arch}"]
+def test_rescaling_leaves_logits_unchanged(arch, reference, tmp_path):
+    s = shape(f"tiny-{arch}")
+    factors = rule_factors(arch)
+    assert all(f != 1 for f in factors.values())
 
-    def scaled(kinds, tag):
-        names = {n: 1 / 1024 for n, _, _ in tensors(s) if kind(n) in kinds}  # W / (1/1024) = W * 1024
-        assert names
-        return logits(write(tmp_path / f"{tag}.gguf", s, dtype=np.float32, divide=names)[0])
+    def scaled(tag: str, kinds) -> np.ndarray:
+        divide = {n: 1 / factors[kind(n)] for n, _, _ in tensors(s) if kind(n) in kinds}
+        return logits(model(tmp_path / f"{tag}.gguf", s, divide))
 
-    ref = logits(write(tmp_path / "ref.gguf", s, dtype=np.float32)[0])
-    for k in sorted(RESCALES[arch]):
-        assert rel_rmse(ref, scaled({k}, k)) < 1e-3, k
-    assert rel_rmse(ref, scaled(RESCALES[arch], "all")) < 1e-3
-    assert rel_rmse(ref, scaled({"ffn_gate"}, "gate")) > 1e-2  # behind GELU: not free
+    ref = reference(s)
+    assert rel_rmse(ref, scaled("all", set(factors))) < 1e-6
+    for k in factors:  # every part of the rule is needed
+        assert rel_rmse(ref, scaled(f"without-{k}", set(factors) - {k})) > 1e-2, k

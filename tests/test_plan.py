@@ -1,7 +1,7 @@
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from nvfp4q.plan import Options, TensorInfo, file_type_of, make_plan, parse_tensor_type, plan_tensor
+from nvfp4q.plan import Options, TensorInfo, file_type_of, make_plan, parse_tensor_type, parse_type, plan_tensor
 
 
 def step(name, shape, opts=Options(), src=T.F16, arch="llama"):
@@ -85,14 +85,34 @@ def test_bad_tensor_type_specs(spec):
         parse_tensor_type(spec)
 
 
-def test_global_scale_modes():
-    def st(name, mode, arch="gemma3"):
-        return plan_tensor(TensorInfo(name, (640, 2048), T.F16), arch, Options(global_scale=mode))
+def ffn_layer(arch="gemma3", mode="auto", norm_type=T.F32, drop=(), **tensor_types):
+    """One layer's plan, kind -> Step."""
+    ts = [TensorInfo("blk.0.ffn_norm.weight", (640,), norm_type), TensorInfo("blk.0.attn_q.weight", (640, 1024), T.F16)]
+    ts += [TensorInfo(f"blk.0.{k}.weight", shape, T.F16) for k, shape in
+           (("ffn_gate", (640, 2048)), ("ffn_up", (640, 2048)), ("ffn_down", (2048, 640))) if k not in drop]
+    opts = Options(global_scale=mode, tensor_types=tuple((p, parse_type(t)) for p, t in tensor_types.items()))
+    return {s.tensor.name.split(".")[2]: s for s in make_plan(ts, arch, opts)}
 
-    assert st("blk.0.attn_q.weight", "auto").sidecar and not st("blk.0.attn_q.weight", "auto").rescale
-    assert not st("blk.0.ffn_down.weight", "auto").rescale  # free factors are opt-in
-    assert st("blk.0.ffn_down.weight", "rescale").rescale and not st("blk.0.ffn_down.weight", "rescale").sidecar
-    assert st("blk.0.attn_q.weight", "rescale").sidecar
-    assert not st("blk.0.ffn_gate.weight", "rescale").rescale  # behind a non-linearity: not free
-    assert not st("blk.0.ffn_down.weight", "rescale", arch="qwen2").rescale  # no norm after it
-    assert not st("blk.0.ffn_down.weight", "off").rescale and not st("blk.0.attn_q.weight", "off").sidecar
+
+FFN_KINDS = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def test_global_scale_modes():
+    auto = ffn_layer()
+    assert auto["attn_q"].sidecar and not auto["attn_q"].rescale
+    assert all(auto[k].rescale and not auto[k].sidecar for k in FFN_KINDS)
+    assert auto["ffn_norm"].type == T.F32 and auto["ffn_norm"].converts  # divided by a power of two
+    sidecar, rescale, off = ffn_layer(mode="sidecar"), ffn_layer(mode="rescale"), ffn_layer(mode="off")
+    assert sidecar["attn_q"].sidecar and not any(sidecar[k].rescale for k in FFN_KINDS)
+    assert not rescale["attn_q"].sidecar and all(rescale[k].rescale for k in FFN_KINDS)
+    assert not any(s.sidecar or s.rescale or (s.converts and len(s.tensor.shape) == 1) for s in off.values())
+    qwen2, llama = ffn_layer("qwen2"), ffn_layer("llama")
+    assert all(qwen2[k].rescale for k in FFN_KINDS)
+    assert not any(s.rescale for s in llama.values()) and llama["ffn_down"].sidecar  # llama applies sidecars
+
+
+def test_rescaling_takes_whole_layers_only():
+    assert not any(s.rescale for s in ffn_layer(ffn_up="q8_0").values())  # a weight not NVFP4
+    assert not any(s.rescale for s in ffn_layer(drop=("ffn_gate",)).values())  # a member missing
+    f16_norm = ffn_layer(norm_type=T.F16)["ffn_norm"]
+    assert f16_norm.rescale and f16_norm.type == T.F32 and f16_norm.nbytes == 640 * 4

@@ -8,8 +8,10 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from helpers import decoded, logits, rel_rmse, run_cli, tensors
+from nvfp4q.global_scale import kind
 from nvfp4q.plan import Options, TensorInfo, plan_tensor
-from scripts.make_synthetic_model import Shape, write
+from scripts.make_synthetic_model import PRESETS, Shape, write
+from scripts.make_synthetic_model import tensors as specs
 
 
 def step(name, arch, mode="sidecar", shape=(256, 64)):
@@ -68,11 +70,26 @@ def test_sidecars_cut_the_error_of_small_weights(small_weights):
 # and auto within 0.5% of each other). llama is covered by small_weights below.
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-gemma3"])
 def test_transformed_quantization_is_closer_to_f16_in_llama_cpp(preset, tmp_path):
-    from scripts.make_synthetic_model import PRESETS
-
     src, outs = small_model(tmp_path, PRESETS[preset], 5)
     ref = logits(src)
     assert rel_rmse(ref, logits(outs["auto"])) < rel_rmse(ref, logits(outs["off"]))
+
+
+# Small FFN weights behind a large pre-FFN norm weight, as in trained Gemma 3 (ffn_down 99%
+# subnormal sub-block scales): the rescaling rule run backwards, so the network computes what
+# the random one does and its FFN still matters. Attention stays F16 to isolate the FFN.
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-qwen2"])
+def test_rescaled_quantization_is_closer_to_f16_in_llama_cpp(preset, tmp_path):
+    s = PRESETS[preset]
+    small = {"ffn_norm": 1 / 256, "ffn_gate": 256, "ffn_up": 16, "ffn_down": 16}  # written as W / g
+    src = write(tmp_path / "src.gguf", s, seed=3, dtype=np.float32,
+                divide={n: small[kind(n)] for n, _, _ in specs(s) if kind(n) in small})[0]
+    err = {}
+    for mode in ("off", "rescale"):
+        out = tmp_path / f"{mode}.gguf"
+        run_cli("quantize", src, out, "--global-scale", mode, "--tensor-type", "attn_=f16", "-q", check=True)
+        err[mode] = rel_rmse(logits(src), logits(out))
+    assert err["rescale"] < 0.5 * err["off"]
 
 
 def test_stock_llama_cpp_applies_them(small_weights):
@@ -97,20 +114,26 @@ def test_no_ffn_sidecar_where_the_ffn_has_a_bias():
     assert not up.sidecar and q.sidecar
 
 
-def test_rescaled_gemma3_runs_and_compares_like_its_source(tmp_path):
-    from scripts.make_synthetic_model import PRESETS
-
-    src = tmp_path / "gemma3-f16.gguf"
-    write(src, PRESETS["tiny-gemma3"], seed=4)
-    out = tmp_path / "gemma3-nvfp4.gguf"
-    run_cli("quantize", src, out, "--search", 12, "--global-scale", "rescale", "-q", check=True)
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-qwen2"])
+def test_rescaled_model_runs_and_compares_like_its_source(preset, tmp_path):
+    src = tmp_path / "f16.gguf"
+    write(src, PRESETS[preset], seed=4)
+    out = tmp_path / "nvfp4.gguf"
+    run_cli("quantize", src, out, "--search", 12, "-q", check=True)
     meta = GGUFReader(out)
     names = meta.get_field("nvfp4q.rescaled_tensors").contents()
-    factors = meta.get_field("nvfp4q.rescale_factors").contents()
-    assert sorted(names) == sorted(n for n in tensors(src) if ".ffn_up." in n or ".ffn_down." in n)
-    assert all(f > 1 and float(f).is_integer() for f in factors)  # powers of two
-    # --against undoes the factors: every NVFP4 tensor is as close to its source as 4 bits allow
+    factors = dict(zip(names, meta.get_field("nvfp4q.rescale_factors").contents()))
+    ffn = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+    assert sorted(names) == sorted(n for n in tensors(src) if kind(n) in ffn)
+    assert all(np.log2(f).is_integer() and f != 1 for f in factors.values())  # powers of two
+    source, ours = tensors(src), tensors(out)
+    for name in names:
+        if "ffn_norm" in name:  # divided exactly, and written as F32
+            assert ours[name].tensor_type == T.F32
+            assert np.array_equal(np.asarray(ours[name].data), np.asarray(source[name].data) * np.float32(factors[name]))
+    # --against undoes the factors: every rescaled tensor is as close to its source as 4 bits allow
     proc = run_cli("inspect", out, "--against", src, "--json", check=True)
     rows = {r["name"]: r for r in json.loads(proc.stdout)["against"]["tensors"]}
     assert all(rows[n]["rel_rmse"] < 0.2 for n in names)
+    assert all(rows[n]["rel_rmse"] == 0 for n in names if "ffn_norm" in n)
     assert rel_rmse(logits(src), logits(out)) < 0.3
