@@ -52,7 +52,7 @@ def quantize(
     out: Annotated[Path, typer.Argument(help="Output GGUF.")],
     imatrix: Annotated[Optional[Path], typer.Option(help="Importance matrix (llama-imatrix GGUF or legacy .dat).")] = None,
     search: Annotated[int, typer.Option(min=0, max=126, help="Scale-code search window S; 0 = stock round-to-nearest.")] = 12,
-    weighting: Annotated[str, typer.Option(help="Error weight: 'importance' (imatrix value) or 'ggml' (importance * sqrt(sigma2 + x^2)).")] = "importance",
+    weighting: Annotated[str, typer.Option(help="Error weight with --imatrix: 'floor' (imatrix value + 1/10 of its mean over the tensor), 'importance' (imatrix value), 'ggml' (importance * sqrt(sigma2 + x^2)).")] = "floor",
     global_scale: Annotated[str, typer.Option(help="Per-tensor scales: 'sidecar' (.scale tensors where llama.cpp's graph applies them), 'rescale' (powers of two moved between a layer's norm and weights where the network computes the same function, see docs/global-scale.md), 'auto' (both where the architecture allows; off with --search 0, which stays stock ggml's bytes), 'off'.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(min=1, help="Worker threads (default: all cores).")] = None,
     tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help="REGEX=TYPE override, repeatable, first match wins.")] = None,
@@ -73,10 +73,10 @@ def quantize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List tensors without imatrix data.")] = False,
 ) -> None:
     """Quantize SRC into OUT: 2D weights to NVFP4, embeddings and output to Q8_0."""
-    from nvfp4q import kernels, report
+    from nvfp4q import report
     from nvfp4q.global_scale import MODES
     from nvfp4q.plan import FLOAT_SOURCES, Options, parse_tensor_type
-    from nvfp4q.quantize import Settings, parse_size, prepare, run
+    from nvfp4q.quantize import WEIGHTINGS, Settings, parse_size, prepare, run
 
     try:
         patterns = tuple(parse_tensor_type(t) for t in tensor_type or ())
@@ -92,8 +92,8 @@ def quantize(
         raise typer.BadParameter(f"use one of {', '.join(MODES)}", param_hint="--global-scale")
     if global_scale == "auto" and search == 0:
         global_scale = "off"
-    if weighting not in ("importance", "ggml"):
-        raise typer.BadParameter("use 'importance' or 'ggml'", param_hint="--weighting")
+    if weighting not in WEIGHTINGS:
+        raise typer.BadParameter(f"use one of {', '.join(WEIGHTINGS)}", param_hint="--weighting")
     opts = Options(
         tensor_types=patterns,
         output_tensor_type=_type_option(output_tensor_type, "--output-tensor-type"),
@@ -101,7 +101,7 @@ def quantize(
         pure=pure, leave_output_tensor=leave_output_tensor, global_scale=global_scale,
     )
     settings = Settings(
-        search=search, weighting=kernels.WEIGHT_GGML if weighting == "ggml" else kernels.WEIGHT_RAW,
+        search=search, weighting=weighting,
         imatrix=imatrix, imatrix_strict=imatrix_strict,
         include_weights=tuple(include_weights or ()), exclude_weights=tuple(exclude_weights or ()),
         allow_requantize=allow_requantize, overwrite=overwrite, keep_split=keep_split,

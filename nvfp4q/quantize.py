@@ -15,6 +15,12 @@ from nvfp4q import global_scale, gguf_io, imatrix, kernels
 from nvfp4q.errors import UserError
 from nvfp4q.plan import Options, Step, file_type_of, make_plan
 
+# Error weights (--weighting): the imatrix value plus a tenth of its mean over the tensor, so
+# that columns the calibration text hardly exercised still count (lowest mean KLD on the
+# development model, on text unlike the calibration's: docs/global-scale.md); the imatrix value
+# alone; or ggml's k-quant weight, importance * sqrt(sigma2 + x^2).
+WEIGHTINGS = ("floor", "importance", "ggml")
+FLOOR = 0.1
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
 QUANTIZATION_VERSION = 2
 
@@ -22,7 +28,7 @@ QUANTIZATION_VERSION = 2
 @dataclass(frozen=True)
 class Settings:
     search: int = 12
-    weighting: int = kernels.WEIGHT_RAW
+    weighting: str = "floor"  # one of WEIGHTINGS
     imatrix: Path | None = None
     imatrix_strict: bool = False
     include_weights: tuple[str, ...] = ()
@@ -145,7 +151,8 @@ def parse_size(text: str) -> int:
 
 def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings) -> np.ndarray:
     if step.type == T.NVFP4:
-        return kernels.quantize_nvfp4(rows, importance, s.search, s.weighting)
+        mode = kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
+        return kernels.quantize_nvfp4(rows, importance, s.search, mode)
     if step.type == T.Q8_0:
         return kernels.quantize_q8_0(rows)
     if step.type == T.F16:
@@ -166,6 +173,12 @@ def _slabs(t: gguf_io.SourceTensor, first: int, stop: int, slab: int, s: Setting
         yield start, rows, amax
 
 
+def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
+    """One expert's imatrix values as the kernel weighs them (and the sidecar refit)."""
+    return (values + np.float32(FLOOR * values.mean(dtype=np.float64))).astype(np.float32) \
+        if s.weighting == "floor" else values
+
+
 def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.ndarray | None]:
     """One tensor's output bytes, and its sidecar scales (one per expert) when it has one.
 
@@ -183,7 +196,7 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
     out = np.empty((t.rows, step.nbytes // t.rows), np.uint8)
     scales = np.ones(t.rows // per_expert, np.float32) if step.sidecar else None
     for expert, first in enumerate(range(0, t.rows, per_expert)):
-        imp = entry.values[expert] if entry is not None and entry.seen[expert] else None
+        imp = _importance(entry.values[expert], s) if entry is not None and entry.seen[expert] else None
         g = np.float32(1.0) / job.factors.get(step.tensor.name, np.float32(1.0))
         slabs = _slabs(t, first, first + per_expert, slab, s)
         if step.sidecar:
@@ -211,7 +224,7 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
     g.add_file_type(file_type_of(job.plan))
     g.add_quantization_version(QUANTIZATION_VERSION)
     g.add_uint32("nvfp4q.search", s.search)
-    g.add_string("nvfp4q.weighting", "ggml" if s.weighting == kernels.WEIGHT_GGML else "importance")
+    g.add_string("nvfp4q.weighting", s.weighting)
     sidecars = [st for st in job.plan if st.sidecar]
     g.add_uint32("nvfp4q.sidecar_count", len(sidecars))
     if job.factors:  # for the record, and for inspect --against to undo
