@@ -49,7 +49,7 @@ class Job:
     imat: imatrix.Imatrix | None
     importance: dict[str, imatrix.Entry]
     missing_importance: list[str]
-    factors: dict[str, np.float32] = field(default_factory=dict)  # of rescaled tensors: written as W * factor
+    factors: dict[str, np.float32] = field(default_factory=dict)  # of rescaled tensors (W * factor), set by run
 
     @property
     def nbytes_out(self) -> int:
@@ -103,7 +103,7 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
             importance[name] = entry
     if missing and s.imatrix_strict:
         raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
-    return Job(model, plan, imat, importance, missing, _factors(model, plan, s))
+    return Job(model, plan, imat, importance, missing)
 
 
 def _factors(model: gguf_io.Model, plan: list[Step], s: Settings) -> dict[str, np.float32]:
@@ -254,6 +254,7 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
     """Write each output part beside its final name under a temporary name; rename when complete."""
     started = time.perf_counter()
     check_paths(job.model.paths, [out], s.overwrite)
+    job.factors = _factors(job.model, job.plan, s)  # reads the rescaled weights: not for --dry-run
     summary = Summary(bytes_in=job.model.nbytes, n_weights=job.n_weights,
                       missing_importance=len(job.missing_importance))
     w = gguf_io.Writer(out, job.model.arch, job.model.alignment, s.split_max_tensors, s.split_max_size)

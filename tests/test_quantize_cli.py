@@ -13,9 +13,9 @@ def src(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("src"))
 
 
-def write_model(path, arrays, raw=()):
-    """A minimal llama-named GGUF with the given float arrays and (name, bytes, shape, type) raws."""
-    w = GGUFWriter(path, "llama")
+def write_model(path, arrays, raw=(), arch="llama"):
+    """A minimal GGUF with the given float arrays and (name, bytes, shape, type) raws."""
+    w = GGUFWriter(path, arch)
     for name, a in arrays.items():
         w.add_tensor(name, a)
     for name, data, shape, qtype in raw:
@@ -155,3 +155,16 @@ def test_quiet_prints_only_the_summary(src, tmp_path):
     assert proc.stderr == ""
     keys = [line.split(":")[0] for line in proc.stdout.strip().splitlines()]
     assert keys == ["output", "tensors", "size", "bits per weight", "time"]
+
+
+def test_non_finite_weight_in_a_rescaled_layer_is_named(tmp_path):
+    """gemma3's FFN weights are read first for their rescaling factors: the same clean failure."""
+    ffn = {f"blk.0.{k}.weight": np.ones(shape, np.float16) / 8
+           for k, shape in (("ffn_gate", (128, 64)), ("ffn_up", (128, 64)), ("ffn_down", (64, 128)))}
+    ffn["blk.0.ffn_down.weight"][3, 9] = np.nan
+    m = write_model(tmp_path / "nan.gguf", {"blk.0.ffn_norm.weight": np.ones(64, np.float32), **ffn}, arch="gemma3")
+    line = assert_clean_failure(run_cli("quantize", m, tmp_path / "out.gguf"), tmp_path)
+    assert "blk.0.ffn_down.weight" in line and "row 3, column 9" in line
+    assert not (tmp_path / "out.gguf").exists()
+    plan = run_cli("quantize", m, tmp_path / "out.gguf", "--dry-run", check=True).stdout
+    assert "rescaled" in plan  # the rule applies to this layer
