@@ -72,7 +72,11 @@ def sidecar_name(name: str) -> str:
 
 def applies(arch: str, name: str, has_bias: bool = False) -> bool:
     """build_ffn multiplies the sidecar in after adding the bias (W x + g b, and with NVFP4
-    weights it asserts), unlike attention: no FFN sidecar where the FFN has a bias."""
+    weights it asserts), unlike attention: no FFN sidecar where the FFN has a bias.
+    output.scale: every graph in SIDECARS computes the logits with it (build_lora_mm), and
+    llama.cpp loads it when output.weight is NVFP4, the only case this is asked for."""
+    if name == "output.weight":
+        return arch in SIDECARS
     k = kind(name)
     return k in SIDECARS.get(arch, frozenset()) and not (has_bias and k.startswith("ffn_"))
 

@@ -137,3 +137,23 @@ def test_rescaled_model_runs_and_compares_like_its_source(preset, tmp_path):
     assert all(rows[n]["rel_rmse"] < 0.2 for n in names)
     assert all(rows[n]["rel_rmse"] == 0 for n in names if "ffn_norm" in n)
     assert rel_rmse(logits(src), logits(out)) < 0.3
+
+
+# llama.cpp loads output.scale only next to an NVFP4 output.weight (--pure or
+# --output-tensor-type nvfp4); test_global_scale proves every table architecture applies it.
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3"])
+def test_nvfp4_output_gets_a_sidecar_and_is_closer_to_f16(preset, tmp_path):
+    src = write(tmp_path / "src.gguf", PRESETS[preset], seed=3, divide={"output.weight": 64})[0]  # small logit weights
+    err = {}
+    for mode in ("off", "auto"):
+        out = tmp_path / f"{mode}.gguf"
+        run_cli("quantize", src, out, "--output-tensor-type", "nvfp4", "--global-scale", mode, "-q",
+                "--tensor-type", r"blk\.=f16", "--token-embedding-type", "f16", check=True)  # the output alone
+        ts = tensors(out)
+        assert ts["output.weight"].tensor_type == T.NVFP4
+        assert ("output.scale" in ts) == (mode == "auto")
+        err[mode] = rel_rmse(logits(src), logits(out))
+    assert err["auto"] < 0.8 * err["off"]
+    plain = tmp_path / "default.gguf"
+    run_cli("quantize", src, plain, "-q", check=True)
+    assert "output.scale" not in tensors(plain)  # Q8_0 output: llama.cpp would refuse the file
