@@ -284,6 +284,14 @@ def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW):
     return out
 
 
+@njit(cache=True, inline="always")
+def _value(blocks, r, ib, s, j, d):
+    """Element j (0..15) of sub-block s of the block at byte ib of row r, at scale d: byte j % 8
+    of the sub-block's eight, low nibble for j < 8, high nibble for the rest."""
+    q = np.int64(blocks[r, ib + 4 + s * 8 + (j & 7)])
+    return KVALUES[(q >> (4 * (j >> 3))) & 15] * d
+
+
 @njit(cache=True, parallel=True)
 def _decode_nvfp4(blocks, out):
     nblocks = blocks.shape[1] // NVFP4_BYTES
@@ -293,10 +301,8 @@ def _decode_nvfp4(blocks, out):
             for s in range(4):
                 d = SCALES[blocks[r, ib + s]]
                 o = b * NVFP4_BLOCK + s * NVFP4_SUB
-                for j in range(8):
-                    q = blocks[r, ib + 4 + s * 8 + j]
-                    out[r, o + j] = KVALUES[q & 15] * d
-                    out[r, o + j + 8] = KVALUES[q >> 4] * d
+                for j in range(NVFP4_SUB):
+                    out[r, o + j] = _value(blocks, r, ib, s, j, d)
 
 
 def dequantize_nvfp4(blocks):
@@ -382,8 +388,7 @@ def _fit_sums(blocks, y, importance, sums):
             for s in range(4):
                 d = SCALES[blocks[r, b * NVFP4_BYTES + s]]
                 for j in range(NVFP4_SUB):
-                    byte = np.int64(blocks[r, b * NVFP4_BYTES + 4 + s * 8 + j % 8])
-                    q = np.float64(KVALUES[(byte >> (4 * (j // 8))) & 15] * d)
+                    q = np.float64(_value(blocks, r, b * NVFP4_BYTES, s, j, d))
                     col = b * NVFP4_BLOCK + s * NVFP4_SUB + j
                     w = np.float64(importance[col]) if importance.shape[0] > 0 else 1.0
                     yq += w * np.float64(y[r, col]) * q

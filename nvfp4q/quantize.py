@@ -108,20 +108,24 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
 
 def _factors(model: gguf_io.Model, plan: list[Step], s: Settings) -> dict[str, np.float32]:
     """The power of two each rescaled tensor is multiplied by, from its layer's weights."""
+    rule = global_scale.RESCALES.get(model.arch)
     tensors = {st.tensor.name: t for st, t in zip(plan, model.tensors) if st.rescale}
     factors = {}
     for members in global_scale.rescaled_layers(model.arch, list(tensors)).values():
-        rule = global_scale.RESCALES[model.arch]
-        amax = {k: _amax(tensors[name], s) for k, name in members.items() if k != rule.norm}
+        amax = {}
+        for k, name in members.items():
+            if k != rule.norm:
+                t = tensors[name]
+                amax[k] = _amax(t, 0, t.rows, s)
+                t.release()
         factors |= {members[k]: np.float32(f) for k, f in global_scale.layer_factors(rule, amax).items()}
     return factors
 
 
-def _amax(t: gguf_io.SourceTensor, s: Settings) -> float:
+def _amax(t: gguf_io.SourceTensor, first: int, stop: int, s: Settings) -> float:
+    """Largest |w| of rows [first, stop), read slab by slab."""
     slab = max(1, SLAB_BYTES // (4 * t.info.shape[0]))
-    amax = max(m for _, _, m in _slabs(t, 0, t.rows, slab, s))
-    t.release()
-    return amax
+    return max(m for _, _, m in _slabs(t, first, stop, slab, s))
 
 
 def check_paths(sources: list[Path], outs: list[Path], overwrite: bool) -> None:
@@ -195,16 +199,17 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
     slab = max(1, min(per_expert, SLAB_BYTES // (4 * ne0)))
     out = np.empty((t.rows, step.nbytes // t.rows), np.uint8)
     scales = np.ones(t.rows // per_expert, np.float32) if step.sidecar else None
+    factor_g = np.float32(1.0) / job.factors.get(step.tensor.name, np.float32(1.0))
     for expert, first in enumerate(range(0, t.rows, per_expert)):
         imp = _importance(entry.values[expert], s) if entry is not None and entry.seen[expert] else None
-        g = np.float32(1.0) / job.factors.get(step.tensor.name, np.float32(1.0))
         slabs = _slabs(t, first, first + per_expert, slab, s)
-        if step.sidecar:
-            slabs = list(slabs) if per_expert <= slab else slabs  # one slab: convert it once
-            amax = max(m for _, _, m in slabs)
-            g = global_scale.initial(amax)
-            if per_expert > slab:
-                slabs = _slabs(t, first, first + per_expert, slab, s)
+        if not step.sidecar:
+            g = factor_g
+        elif per_expert <= slab:  # one slab: convert it once
+            slabs = list(slabs)
+            g = global_scale.initial(slabs[0][2])
+        else:
+            g = global_scale.initial(_amax(t, first, first + per_expert, s))
         sum_yq = sum_qq = 0.0
         for start, rows, _ in slabs:
             y = rows / g if g != 1 else rows
