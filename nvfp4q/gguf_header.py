@@ -234,3 +234,8 @@ def split_parts(path: Path) -> list[Path]:
     if missing:
         raise UserError(f"{path}: split part(s) missing: {', '.join(missing)}")
     return parts
+
+
+def read_parts(path: Path) -> list[Header]:
+    """The headers of every part of the model that path names (one for a single file)."""
+    return [read(p, i) for i, p in enumerate(split_parts(path))]

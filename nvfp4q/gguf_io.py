@@ -90,8 +90,7 @@ def _map(path: Path) -> mmap.mmap:
 
 
 def open_model(path: Path) -> Model:
-    parts = gguf_header.split_parts(path)
-    headers = [gguf_header.read(p, i) for i, p in enumerate(parts)]
+    headers = gguf_header.read_parts(path)
     tensors = []
     for h in headers:
         mapping = _map(h.path) if h.tensors else None
@@ -104,7 +103,7 @@ def open_model(path: Path) -> Model:
             info = TensorInfo(t.name, t.shape, t.type)
             tensors.append(SourceTensor(info, data[t.offset:t.offset + t.nbytes], t.part, mapping, t.offset))
     arch = headers[0].get("general.architecture", "")
-    return Model(parts, arch if isinstance(arch, str) else "", headers[0], tensors)
+    return Model([h.path for h in headers], arch if isinstance(arch, str) else "", headers[0], tensors)
 
 
 def to_float32(t: SourceTensor, start: int, stop: int, allow_requantize: bool) -> np.ndarray:

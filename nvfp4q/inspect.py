@@ -27,8 +27,7 @@ def describe(path: Path, tensors_regex: str | None = None, meta: bool = False, v
     decodes = verify or against is not None
     if not gguf_header.is_gguf(path):
         return _imatrix_doc(path, None, pattern, meta, decodes)
-    parts = gguf_header.split_parts(path)
-    headers = [gguf_header.read(p, i) for i, p in enumerate(parts)]
+    headers = gguf_header.read_parts(path)
     if _is_imatrix(headers[0]):
         return _imatrix_doc(path, headers[0], pattern, meta, decodes)
     doc = _model_doc(path, headers, pattern, meta)

@@ -205,7 +205,7 @@ def _skip_reason(h: gguf_header.Header, t: gguf_header.Tensor, sh, s) -> str | N
 
 def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path | None) -> dict:
     """Each tensor's error against the same-named, same-shaped tensor of SOURCE, worst first."""
-    src_headers = [gguf_header.read(p, i) for i, p in enumerate(gguf_header.split_parts(source))]
+    src_headers = gguf_header.read_parts(source)
     imat = imatrix.load(imatrix_path) if imatrix_path is not None else None
     src = {t.name: (h, t) for h in src_headers for t in h.tensors}
     ours = {t.name: (h, t) for h in headers for t in h.tensors}
