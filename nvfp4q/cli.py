@@ -76,7 +76,8 @@ def quantize(
     from nvfp4q import report
     from nvfp4q.global_scale import MODES
     from nvfp4q.plan import FLOAT_SOURCES, Options, parse_tensor_type
-    from nvfp4q.quantize import WEIGHTINGS, Settings, parse_size, prepare, run
+    from nvfp4q.quantize import WEIGHTINGS, Settings, prepare, run
+    from nvfp4q.units import parse_size
 
     try:
         patterns = tuple(parse_tensor_type(t) for t in tensor_type or ())

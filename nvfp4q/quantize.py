@@ -140,19 +140,6 @@ def check_paths(sources: list[Path], outs: list[Path], overwrite: bool) -> None:
             raise UserError(f"{out.parent}: no such directory")
 
 
-def parse_size(text: str) -> int:
-    """'48G', '500M', '1.5G' or bytes, in powers of 1000 as llama.cpp's gguf-split reads them."""
-    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    t = text.strip().upper().removesuffix("B")
-    try:
-        n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise ValueError(f"bad size '{text}' (e.g. 48G, 500M)") from None
-    if n <= 0:
-        raise ValueError(f"bad size '{text}'")
-    return int(n)
-
-
 def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings) -> np.ndarray:
     if step.type == T.NVFP4:
         mode = kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW

@@ -19,6 +19,8 @@ import numpy as np
 from gguf import GGUFWriter, TokenType
 from numpy.typing import ArrayLike
 
+from nvfp4q.units import parse_size
+
 WORDS = ("the of and to in is was for on that with as by at from his her it an are were which be "
          "this had not or have one their has but they all its also new first two who been after "
          "time more other when there into would over she about some only most can may people").split()
@@ -202,18 +204,13 @@ def write(path: Path, s: Shape, seed: int = 0, split_max_size: int = 0, *, dtype
     return names
 
 
-def _size(text: str) -> int:
-    units = {"K": 10**3, "M": 10**6, "G": 10**9}
-    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny-llama")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split-max-size", type=_size, default=0, help="e.g. 2G")
+    ap.add_argument("--split-max-size", type=parse_size, default=0, help="e.g. 2G")
     a = ap.parse_args()
     shape = PRESETS[a.preset] if a.layers is None else replace(PRESETS[a.preset], layers=a.layers)
     for p in write(a.out, shape, a.seed, a.split_max_size):
