@@ -61,21 +61,28 @@ def copy_metadata(r: GGUFReader, dst: Path) -> GGUFWriter:
     return w
 
 
-def dequantized_copy(src: Path, dst: Path) -> Path:
-    """An F32 copy of a GGUF, every tensor decoded by gguf's own dequantizer (not ours)."""
+def changed_copy(src: Path, dst: Path, change) -> Path:
+    """A copy of a GGUF with src's key/values; change(tensor) -> (array in numpy order, raw type or None)."""
     r = GGUFReader(src)
     w = copy_metadata(r, dst)
     for t in r.tensors:
-        if t.tensor_type in (T.F32, T.F16):
-            data = np.asarray(t.data, np.float32)
-        else:
-            data = dequantize(t.data, t.tensor_type).astype(np.float32)
-        w.add_tensor(t.name, data.reshape(tuple(reversed([int(d) for d in t.shape]))))
+        data, raw_type = change(t)
+        w.add_tensor(t.name, data, raw_dtype=raw_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """An F32 copy of a GGUF, every tensor decoded by gguf's own dequantizer (not ours)."""
+    def decode(t):
+        data = (np.asarray(t.data, np.float32) if t.tensor_type in (T.F32, T.F16)
+                else dequantize(t.data, t.tensor_type).astype(np.float32))
+        return data.reshape(tuple(reversed([int(d) for d in t.shape]))), None
+
+    return changed_copy(src, dst, decode)
 
 
 def rel_rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,3 +102,33 @@ def decoded(ts: dict, name: str) -> np.ndarray:
         scale = np.asarray(sidecar.data, np.float64).reshape(-1)
         values = values * scale.reshape((-1,) + (1,) * (values.ndim - 1)) if scale.size > 1 else values * scale[0]
     return values
+
+
+# the key/values of an imatrix GGUF: (value, type, item type)
+KEYS = {
+    "imatrix.datasets": (["calib-a.txt", "calib-b.txt"], GGUFValueType.ARRAY, GGUFValueType.STRING),
+    "imatrix.chunk_count": (17, GGUFValueType.UINT32, None),
+    "imatrix.chunk_size": (512, GGUFValueType.UINT32, None),
+}
+
+
+def gguf_arrays(weight: str, sums, counts) -> dict:
+    """The two tensors llama-imatrix writes for one weight: in_sum2 [n_mat, ne0], counts [n_mat, 1]."""
+    counts = np.asarray(counts, np.float32).reshape(-1, 1)
+    return {f"{weight}.in_sum2": np.asarray(sums, np.float32).reshape(counts.shape[0], -1), f"{weight}.counts": counts}
+
+
+def write_imatrix(path, arrays: dict, keys: dict = KEYS):
+    """An imatrix GGUF as llama-imatrix writes it, with these tensors and key/values."""
+    # GGUFWriter always adds general.architecture; real imatrix files have none
+    w = GGUFWriter(path, "llama")
+    w.add_type("imatrix")
+    for key, (value, vtype, sub) in keys.items():
+        w.add_key_value(key, value, vtype, sub)
+    for name, a in arrays.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

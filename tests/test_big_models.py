@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from helpers import dequantized_copy, logits, rel_rmse, run_cli
+from helpers import dequantized_copy, gguf_arrays, logits, rel_rmse, run_cli, write_imatrix
 from nvfp4q import cli, gguf_io, quantize
 from scripts.make_synthetic_model import PRESETS, Shape, write
 
@@ -228,21 +228,9 @@ def expert_importance(ne0: int) -> np.ndarray:
     return imp
 
 
-def write_imatrix(path: Path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> Path:
+def write_imatrix_of(path: Path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> Path:
     """llama-imatrix's GGUF format: per weight, sums [n_expert, ne0] and counts [n_expert, 1]."""
-    w = GGUFWriter(path, "llama")
-    w.add_type("imatrix")
-    w.add_array("imatrix.datasets", ["calib.txt"])
-    w.add_uint32("imatrix.chunk_count", 9)
-    w.add_uint32("imatrix.chunk_size", 512)
-    for name, s in sums.items():
-        w.add_tensor(f"{name}.in_sum2", s.astype(np.float32))
-        w.add_tensor(f"{name}.counts", counts[name].astype(np.float32).reshape(-1, 1))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_imatrix(path, {k: v for name, s in sums.items() for k, v in gguf_arrays(name, s, counts[name]).items()})
 
 
 def experts(path: Path, name: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -272,7 +260,7 @@ def moe(request, tmp_path_factory):
     assert len(importance) == 3 * PRESETS["tiny-moe"].layers
     counts = {n: np.full(N_EXPERT, 7.0) for n in importance}
     counts[ZERO_COUNT[0]][ZERO_COUNT[1]] = 0
-    imat = write_imatrix(folder / "imatrix.gguf", {n: imp * 7 for n, imp in importance.items()}, counts)
+    imat = write_imatrix_of(folder / "imatrix.gguf", {n: imp * 7 for n, imp in importance.items()}, counts)
     args = ("--search", 12, "--global-scale", request.param)
     plain = quant(src, folder / "plain.gguf", *args)
     weighted = quant(src, folder / "weighted.gguf", *args, "--imatrix", imat)

@@ -14,11 +14,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
 from gguf.quants import dequantize
 
 import ggml_oracle as ggml
-from helpers import copy_metadata, logits, rel_rmse
+from helpers import changed_copy, logits, rel_rmse
 from helpers import tensors as tensors_of
 from nvfp4q.global_scale import RESCALES, SIDECARS, kind, layer_factors, sidecar_name
 from scripts.make_synthetic_model import PRESETS, Shape, tensors, write
@@ -122,19 +121,11 @@ def test_sidecar_and_bias_in_llama(k, reference, tmp_path):
 
 def nvfp4_output(src, dst):
     """src with output.weight quantized to NVFP4 by stock ggml."""
-    r = GGUFReader(src)
-    w = copy_metadata(r, dst)
-    for t in r.tensors:
+    def change(t):
         data = np.asarray(t.data)
-        if t.name == "output.weight":
-            w.add_tensor(t.name, ggml.quantize(ggml.NVFP4, data), raw_dtype=T.NVFP4)
-        else:
-            w.add_tensor(t.name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+        return (ggml.quantize(ggml.NVFP4, data), T.NVFP4) if t.name == "output.weight" else (data, None)
+
+    return changed_copy(src, dst, change)
 
 
 # Not a blk kind, so outside SIDECARS: output.scale. Every graph here computes the logits with

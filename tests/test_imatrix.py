@@ -9,20 +9,15 @@ import struct
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFValueType
 
-from helpers import decoded, logits, run_cli, tensors, tiny_model
+from helpers import KEYS, decoded, gguf_arrays, logits, run_cli, tensors, tiny_model, write_imatrix
 from nvfp4q import imatrix
 from nvfp4q.errors import UserError
 
 F32 = np.float32
 Q = "blk.0.attn_q.weight"  # an NVFP4 tensor of the tiny model, ne0 128
 NE0 = 128
-KEYS = {
-    "imatrix.datasets": (["calib-a.txt", "calib-b.txt"], GGUFValueType.ARRAY, GGUFValueType.STRING),
-    "imatrix.chunk_count": (17, GGUFValueType.UINT32, None),
-    "imatrix.chunk_size": (512, GGUFValueType.UINT32, None),
-}
 
 
 # --- writing imatrix files ---------------------------------------------------------------------
@@ -40,27 +35,6 @@ def dat_bytes(entries: dict, trailer: tuple[int, str] | None = None) -> bytes:
     return b"".join(parts)
 
 
-def gguf_arrays(weight: str, sums, counts) -> dict:
-    """The two tensors llama-imatrix writes for one weight: in_sum2 [n_mat, ne0], counts [n_mat, 1]."""
-    counts = np.asarray(counts, F32).reshape(-1, 1)
-    return {f"{weight}.in_sum2": np.asarray(sums, F32).reshape(counts.shape[0], -1), f"{weight}.counts": counts}
-
-
-def write_gguf(path, arrays: dict, keys: dict = KEYS):
-    # GGUFWriter always adds general.architecture; real imatrix files have none
-    w = GGUFWriter(path, "llama")
-    w.add_type("imatrix")
-    for key, (value, vtype, sub) in keys.items():
-        w.add_key_value(key, value, vtype, sub)
-    for name, a in arrays.items():
-        w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def raw_file(name: str, data: bytes):
     """A builder: writes data as folder/name."""
     def build(folder):
@@ -71,7 +45,7 @@ def raw_file(name: str, data: bytes):
 
 def gguf_file(arrays: dict, without: str | None = None):
     """A builder: a GGUF imatrix with these tensors, lacking the key `without`."""
-    return lambda folder: write_gguf(folder / "imatrix.gguf", arrays,
+    return lambda folder: write_imatrix(folder / "imatrix.gguf", arrays,
                                      {k: v for k, v in KEYS.items() if k != without})
 
 
@@ -150,7 +124,7 @@ def gguf_imatrix(tmp_path):
     nan = np.full((3, 4), np.nan, F32)  # read as data, these would be entries with non-finite values
     extra = {f"{w}.{suffix}": nan[:n] for w, n in ((DENSE, 1), (MOE, 3)) for suffix in ("in_sum", "stats")}
     arrays = {**gguf_arrays(DENSE, *GGUF_DENSE), **gguf_arrays(MOE, *GGUF_MOE), **extra}
-    return write_gguf(tmp_path / "imatrix.gguf", arrays)
+    return write_imatrix(tmp_path / "imatrix.gguf", arrays)
 
 
 def test_gguf_entries_values_and_keys(gguf_imatrix):
@@ -251,7 +225,7 @@ def dat_for_meta(folder):
 
 def gguf_for_meta(folder):
     arrays = {k: v for n, sums in META_ENTRIES.items() for k, v in gguf_arrays(n, sums, [3]).items()}
-    return write_gguf(folder / "imatrix.gguf", arrays), KEYS["imatrix.datasets"][0][0], 17
+    return write_imatrix(folder / "imatrix.gguf", arrays), KEYS["imatrix.datasets"][0][0], 17
 
 
 @pytest.mark.parametrize("make", [dat_for_meta, gguf_for_meta], ids=["dat", "gguf"])
@@ -317,7 +291,7 @@ def e2e(src, tmp_path_factory):
             imp[rng.choice(ne0, ne0 // 10, replace=False)] = 1000.0
             importance[name] = imp
     arrays = {k: v for n, imp in importance.items() for k, v in gguf_arrays(n, imp * 5, [5]).items()}
-    imat = write_gguf(folder / "imatrix.gguf", arrays)
+    imat = write_imatrix(folder / "imatrix.gguf", arrays)
     run_cli("quantize", src, weighted, "--search", 12, "--imatrix", imat, "--imatrix-strict", "-q", check=True)
     return plain, weighted, importance
 
@@ -359,7 +333,7 @@ def test_default_weighting_is_the_importance_plus_a_tenth_of_its_mean(src, e2e, 
     _, weighted, importance = e2e
     floored = {n: imp + F32(0.1 * imp.mean(dtype=np.float64)) for n, imp in importance.items()}
     arrays = {k: v for n, imp in floored.items() for k, v in gguf_arrays(n, imp, [1]).items()}
-    imat = write_gguf(tmp_path / "floored-imatrix.gguf", arrays)
+    imat = write_imatrix(tmp_path / "floored-imatrix.gguf", arrays)
     outs = {}
     for tag, path in (("floored", imat), ("raw", e2e[0].parent / "imatrix.gguf")):
         outs[tag] = tmp_path / f"{tag}.gguf"
