@@ -1,0 +1,166 @@
+"""nvfp4q eval: how far quantized GGUFs are from their base model, run by stock llama.cpp.
+
+As llama-perplexity --kl-divergence: the text is cut into chunks of ctx tokens, each evaluated
+from an empty context with the first token replaced by BOS where the model adds one, and the
+second half of each chunk is scored (every scored token sees at least ctx/2 tokens). The base
+model's logits are computed once per chunk and compared with each quantized model's at once,
+so no model's logits are ever stored beyond the chunk at hand. llama.cpp computes logits only
+for the scored positions.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nvfp4q import divergence, gguf_header
+from nvfp4q.divergence import Tokens
+from nvfp4q.errors import UserError
+
+SCHEMA = "nvfp4q.eval/1"
+EXTRA_HINT = "nvfp4q eval needs llama-cpp-python 0.3.36 (stock llama.cpp): pip install 'nvfp4q[eval]'"
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(EXTRA_HINT) from None
+    return llama_cpp
+
+
+class Runner:
+    """One GGUF loaded in stock llama.cpp, one context of ctx tokens."""
+
+    def __init__(self, path: Path, ctx: int, threads: int):
+        self.lib = _llama_cpp()
+        gguf_header.read_parts(path)  # a clear message for a missing, truncated or non-GGUF file
+        try:
+            self.llm = self.lib.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
+                                      n_threads=threads, n_threads_batch=threads, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: llama.cpp cannot load it ({e})") from None
+        self.path = path
+        self.vocab = self.lib.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = self.llm.n_vocab()
+        self.batch = self.lib.llama_batch_init(ctx, 0, 1)
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.llm.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+
+    def chunk(self, tokens: list[int]) -> list[int]:
+        """The chunk as llama-perplexity evaluates it: BOS first where the model wants one."""
+        if self.lib.llama_vocab_get_add_bos(self.vocab):
+            return [self.llm.token_bos(), *tokens[1:]]
+        return list(tokens)
+
+    def logits(self, tokens: list[int], first: int) -> np.ndarray:
+        """float32 [len(tokens) - 1 - first, n_vocab]: the logits predicting tokens[first + 1:]."""
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.llm.ctx), True)
+        b = self.batch
+        b.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i] = tok, i, 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = first <= i < len(tokens) - 1
+        rc = self.lib.llama_decode(self.llm.ctx, b)
+        if rc != 0:
+            raise UserError(f"{self.path}: llama_decode failed ({rc})")
+        rows = len(tokens) - 1 - first
+        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.llm.ctx), shape=(rows * self.n_vocab,)) \
+            .reshape(rows, self.n_vocab)
+
+
+@dataclass
+class Result:
+    base: Path
+    quants: list[Path]
+    text: Path
+    ctx: int
+    n_chunks: int
+    base_nll: np.ndarray
+    tokens: list[Tokens]  # per quant, in order (a file may be named twice)
+    seconds: float
+    sizes: dict[Path, dict] = field(default_factory=dict)
+
+
+def _size(path: Path) -> dict:
+    headers = gguf_header.read_parts(path)
+    nbytes = sum(h.file_size for h in headers)
+    params = sum(t.n_elements for h in headers for t in h.tensors)
+    return {"bytes": nbytes, "parameters": params, "bits_per_weight": 8 * nbytes / params if params else None}
+
+
+def _check_same_tokenizer(base: Runner, q: Runner, tokens: list[int], text: str) -> None:
+    if q.n_vocab != base.n_vocab:
+        raise UserError(f"{q.path}: vocabulary of {q.n_vocab} tokens, the base has {base.n_vocab}: not the same model")
+    if q.tokenize(text) != tokens:
+        raise UserError(f"{q.path}: tokenizes the text differently from the base: not the same model")
+
+
+def evaluate(base: Path, quants: list[Path], text_path: Path, ctx: int = 512, chunks: int | None = None,
+             threads: int = 2, on_chunk: Callable[[int, int, int], None] = lambda done, total, tokens: None) -> Result:
+    """Per-token NLL, KLD and top-1 agreement of each quantized model against base."""
+    if ctx < 8 or ctx % 2:
+        raise UserError(f"--ctx {ctx}: use an even number of at least 8")
+    try:
+        text = Path(text_path).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"{text_path}: {e.strerror}") from None
+    sizes = {p: _size(p) for p in [base, *quants]}
+    runners = []
+    try:
+        runners.append(Runner(base, ctx, threads))
+        ref = runners[0]
+        tokens = ref.tokenize(text)
+        available = len(tokens) // ctx
+        n_chunks = available if chunks is None else min(chunks, available)
+        if n_chunks < 1:
+            raise UserError(f"{text_path}: {len(tokens)} tokens, too short for one chunk of {ctx}")
+        for q in quants:
+            runners.append(Runner(q, ctx, threads))
+            _check_same_tokenizer(ref, runners[-1], tokens, text)
+        first = ctx // 2
+        nll_b, per = [], [([], [], []) for _ in quants]
+        started = time.perf_counter()
+        for c in range(n_chunks):
+            chunk = ref.chunk(tokens[c * ctx:(c + 1) * ctx])
+            targets = np.array(chunk[first + 1:])
+            base_logits = ref.logits(chunk, first).copy()  # the next decode of ref reuses its buffer
+            fb = divergence.softmax_facts(base_logits, targets)
+            nll_b.append(fb.nll)
+            for (nll, kld, top1), runner in zip(per, runners[1:]):
+                logits = runner.logits(chunk, first)
+                fq = divergence.softmax_facts(logits, targets)
+                nll.append(fq.nll)
+                kld.append(divergence.kld(base_logits, fb, logits, fq))
+                top1.append(fq.argmax == fb.argmax)
+            on_chunk(c + 1, n_chunks, (c + 1) * ctx)
+        seconds = time.perf_counter() - started
+    finally:
+        for r in runners:
+            r.close()
+    return Result(base, list(quants), Path(text_path), ctx, n_chunks, np.concatenate(nll_b),
+                  [Tokens(*(np.concatenate(a) for a in p)) for p in per], seconds, sizes=sizes)
+
+
+def document(r: Result, paired: bool) -> dict:
+    """The JSON-ready result (schema: docs/eval-json.md)."""
+    doc = {
+        "schema": SCHEMA,
+        "base": {"path": str(r.base), **r.sizes[r.base], "ppl": divergence.ppl(r.base_nll)},
+        "text": str(r.text), "ctx": r.ctx, "chunks": r.n_chunks, "scored_tokens": int(r.base_nll.size),
+        "seconds": r.seconds,
+        "models": [{"path": str(q), **r.sizes[q], **divergence.summarise(r.base_nll, t)}
+                   for q, t in zip(r.quants, r.tokens)],
+    }
+    if paired:
+        doc["paired"] = [{"a": str(r.quants[0]), "b": str(b), **divergence.paired(r.tokens[0], t, r.n_chunks)}
+                         for b, t in zip(r.quants[1:], r.tokens[1:])]
+    return doc
