@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +18,8 @@ app = typer.Typer(
 )
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
+# click's UsageError, from typer's own copy of click where typer vendors it
+_UsageError = next(k for k in typer.BadParameter.__mro__ if k.__name__ == "UsageError")
 
 
 class Interrupted(BaseException):
@@ -35,6 +38,27 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+@contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except _UsageError as e:
+        _fail(e.format_message(), EXIT_USAGE)
+
+
+class _OneLineErrors(typer.core.TyperCommand):
+    """Usage errors as one line `nvfp4q: error: ...` (exit 2) like every other error, not a
+    framed box: a pipeline reading --json gets one line on stderr whatever went wrong."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
 def _type_option(value: Optional[str], option: str):
     from nvfp4q.plan import parse_type
 
@@ -46,7 +70,7 @@ def _type_option(value: Optional[str], option: str):
         raise typer.BadParameter(str(e), param_hint=option) from None
 
 
-@app.command()
+@app.command(cls=_OneLineErrors)
 def quantize(
     src: Annotated[Path, typer.Argument(help="Source GGUF (f16, bf16 or f32; any part of a split model).")],
     out: Annotated[Path, typer.Argument(help="Output GGUF.")],
@@ -69,6 +93,7 @@ def quantize(
     split_max_tensors: Annotated[int, typer.Option(min=0, help="Split the output into parts of at most N tensors.")] = 0,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and totals, write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="The summary (or the --dry-run plan) as one JSON document on stdout (schema: docs/quantize-json.md).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, only the final summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List tensors without imatrix data.")] = False,
 ) -> None:
@@ -115,7 +140,7 @@ def quantize(
     try:
         job = prepare(src, opts, settings)
         if dry_run:
-            report.plan_table(job)
+            report.show(report.document(job, opts, settings, src, out), json_out)
             return
         requantized = [st for st in job.plan if st.converts and st.tensor.type not in FLOAT_SOURCES]
         if requantized:
@@ -124,9 +149,9 @@ def quantize(
         if verbose:
             for name in job.missing_importance:
                 print(f"nvfp4q: no imatrix data for {name}", file=sys.stderr)
-        with report.progress(job, enabled=not quiet and sys.stderr.isatty()) as on_tensor:
+        with report.progress(job, quiet) as on_tensor:
             summary = run(job, out, settings, on_tensor)
-        report.summary(summary)
+        report.show(report.document(job, opts, settings, src, out, summary), json_out)
     except UserError as e:
         _fail(str(e), EXIT_FAILURE)
     except OSError as e:

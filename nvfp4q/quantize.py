@@ -3,7 +3,6 @@
 import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,26 +47,32 @@ class Job:
     plan: list[Step]
     imat: imatrix.Imatrix | None
     importance: dict[str, imatrix.Entry]
-    missing_importance: list[str]
+    missing_importance: list[str]  # NVFP4 tensors the imatrix has no entry for
+    excluded_importance: list[str] = field(default_factory=list)  # with an entry, left out by --include/--exclude-weights
     factors: dict[str, np.float32] = field(default_factory=dict)  # of rescaled tensors (W * factor), set by run
 
     @property
     def nbytes_out(self) -> int:
-        return sum(s.nbytes + 4 * s.sidecar_values * s.sidecar for s in self.plan)
+        return sum(map(step_bytes, self.plan))
 
     @property
     def n_weights(self) -> int:
         return sum(int(np.prod(s.tensor.shape)) for s in self.plan)
 
 
+def step_bytes(step: Step) -> int:
+    """Data bytes a step writes: its tensor and, with one, its `.scale` sidecar (F32)."""
+    return step.nbytes + 4 * step.sidecar_values * step.sidecar
+
+
 @dataclass
 class Summary:
-    types: Counter = field(default_factory=Counter)
+    """What a finished run measured; the rest of its report comes from the Job."""
+
     bytes_in: int = 0
-    bytes_out: int = 0
+    bytes_out: int = 0  # all output parts, headers included
     n_weights: int = 0
     seconds: float = 0.0
-    missing_importance: int = 0
     outputs: list[Path] = field(default_factory=list)
 
 
@@ -90,7 +95,7 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
         if step.converts:
             gguf_io.check_convertible(t, s.allow_requantize)
     imat = imatrix.load(s.imatrix) if s.imatrix else None
-    importance, missing = {}, []
+    importance, missing, excluded = {}, [], []
     for step in plan:
         if step.type != T.NVFP4:
             continue
@@ -101,9 +106,11 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
                 missing.append(name)
         elif _wants_importance(name, s):
             importance[name] = entry
+        else:
+            excluded.append(name)
     if missing and s.imatrix_strict:
         raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
-    return Job(model, plan, imat, importance, missing)
+    return Job(model, plan, imat, importance, missing, excluded)
 
 
 def _factors(model: gguf_io.Model, plan: list[Step], s: Settings) -> dict[str, np.float32]:
@@ -247,8 +254,7 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
     started = time.perf_counter()
     check_paths(job.model.paths, [out], s.overwrite)
     job.factors = _factors(job.model, job.plan, s)  # reads the rescaled weights: not for --dry-run
-    summary = Summary(bytes_in=job.model.nbytes, n_weights=job.n_weights,
-                      missing_importance=len(job.missing_importance))
+    summary = Summary(bytes_in=job.model.nbytes, n_weights=job.n_weights)
     w = gguf_io.Writer(out, job.model.arch, job.model.alignment, s.split_max_tensors, s.split_max_size)
     try:
         add_metadata(w, job, s)
@@ -264,7 +270,6 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
             if scales is not None:
                 w.write_tensor(scales)
             job.model.tensors[i].release()
-            summary.types[step.type.name] += 1
             on_tensor(step)
         summary.outputs = w.commit()
     except BaseException:
