@@ -22,6 +22,10 @@ WEIGHTINGS = ("floor", "importance", "ggml")
 FLOOR = 0.1
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
 QUANTIZATION_VERSION = 2
+# Below what |w| an output type stays finite: F16 rounds 65520 and up to inf, a Q8_0 block stores
+# its scale amax / 127 as F16, BF16 rounds 0x7F7F8000 and up to inf. NVFP4's scale codes saturate.
+_F16_INF = 65520.0
+FINITE_BELOW = {T.F16: _F16_INF, T.Q8_0: _F16_INF * 127, T.BF16: float(np.uint32(0x7F7F8000).view(np.float32))}
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,13 @@ def _slabs(t: gguf_io.SourceTensor, first: int, stop: int, slab: int, s: Setting
         yield start, rows, amax
 
 
+def _too_large(step: Step, rows: np.ndarray, start: int) -> UserError:
+    """A finite weight the output type would store as inf: refused like a NaN, with its place."""
+    r, c = np.unravel_index(int(np.argmax(np.abs(rows) >= FINITE_BELOW[step.type])), rows.shape)
+    return UserError(f"tensor {step.tensor.name}: value {rows[r, c]} at row {start + r}, column {c} "
+                     f"is too large for {step.type.name} (it would be stored as inf)")
+
+
 def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
     """One expert's imatrix values as the kernel weighs them (and the sidecar refit)."""
     return (values + np.float32(FLOOR * values.mean(dtype=np.float64))).astype(np.float32) \
@@ -205,7 +216,9 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
         else:
             g = global_scale.initial(_amax(t, first, first + per_expert, s))
         sum_yq = sum_qq = 0.0
-        for start, rows, _ in slabs:
+        for start, rows, amax in slabs:
+            if amax >= FINITE_BELOW.get(step.type, np.inf):  # these types have no sidecar or factor: g is 1
+                raise _too_large(step, rows, start)
             y = rows / g if g != 1 else rows
             enc = _encode(step, y, imp, s).view(np.uint8).reshape(len(rows), -1)
             out[start:start + len(rows)] = enc

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, GGUFWriter
+from gguf.quants import dequantize
 
 from helpers import run_cli, tensors, tiny_model
 
@@ -336,3 +337,26 @@ def test_progress_lines_every_step_or_interval(src):
     first = lines.getvalue().splitlines()[0]
     weights = sum(int(np.prod(s.tensor.shape)) for s in job.plan[:expected[0]])
     assert f"{weights / (10.0 * expected[0]) / 1e6:.1f} M weights/s" in first
+
+
+@pytest.mark.parametrize("ne0, value, args, to", [
+    (48, 65520.0, [], "F16"),  # ne0 fits neither NVFP4 nor Q8_0 blocks: F16, whose largest value is 65504
+    (96, 65520.0 * 127, [], "Q8_0"),  # a block's scale amax / 127 is stored as F16
+    # a tie between bf16's largest value and inf: rounds to even, 0x7F80, inf
+    (64, float(np.uint32(0x7F7F8000).view(np.float32)), ["--tensor-type", "attn_k=bf16"], "BF16"),
+], ids=["f16", "q8_0", "bf16"])
+def test_weight_too_large_for_the_output_type_is_named(tmp_path, ne0, value, args, to):
+    """Found by the fuzzer (a type id changed to F32 reads f16 bits as huge floats): numpy warned
+    "overflow encountered in cast" and inf was written. Just below the limit still converts."""
+    x = np.ones((8, ne0), np.float32)
+    x[3, 5] = -value
+    m = write_model(tmp_path / "big.gguf", {"blk.0.attn_k.weight": x})
+    line = assert_clean_failure(run_cli("quantize", m, tmp_path / "out.gguf", "-q", *args), tmp_path)
+    assert f"blk.0.attn_k.weight: value {-np.float32(value)} at row 3, column 5 is too large for {to}" in line
+    x[3, 5] = -np.nextafter(np.float32(value), np.float32(0))
+    m = write_model(tmp_path / "fits.gguf", {"blk.0.attn_k.weight": x})
+    proc = run_cli("quantize", m, tmp_path / "out.gguf", "-q", *args, check=True)
+    assert proc.stderr == ""
+    t = tensors(tmp_path / "out.gguf")["blk.0.attn_k.weight"]
+    assert t.tensor_type.name == to
+    assert np.isfinite(dequantize(np.asarray(t.data), t.tensor_type)).all()
