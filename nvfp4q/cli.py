@@ -34,8 +34,14 @@ def _on_signal(signum, _frame):
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"nvfp4q: error: {message}", file=sys.stderr)
+    print(f"nvfp4q: error: {_one_line(message)}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def _one_line(text: str) -> str:
+    """Text from a file (a damaged tensor name) may hold newlines or control bytes: escaped, a
+    message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @contextmanager
@@ -148,7 +154,7 @@ def quantize(
                   "quantized again: quality suffers", file=sys.stderr)
         if verbose:
             for name in job.missing_importance:
-                print(f"nvfp4q: no imatrix data for {name}", file=sys.stderr)
+                print(f"nvfp4q: no imatrix data for {_one_line(name)}", file=sys.stderr)
         with report.progress(job, quiet) as on_tensor:
             summary = run(job, out, settings, on_tensor)
         report.show(report.document(job, opts, settings, src, out, summary), json_out)

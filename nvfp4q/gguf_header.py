@@ -7,6 +7,7 @@ So this parser skips long arrays (keeping their first items) and checks nothing 
 tensor infos.
 """
 
+import math
 import mmap
 import re
 import struct
@@ -21,8 +22,10 @@ MAGIC = b"GGUF"
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 DEFAULT_ALIGNMENT = 32
 HEAD_ITEMS = 8  # array items kept; the rest are skipped
-_FULL_ARRAYS = 1 << 20  # our own keys (nvfp4q.*) are read whole: --against needs the factors
+_FULL_ARRAYS = 1 << 20  # items kept of the arrays read whole (below)
+_FULL_KEYS = ("nvfp4q.", "imatrix.")  # our own keys (--against needs the factors), an imatrix's datasets
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ELEMENTS = 2**63 - 1  # a tensor's element count is an int64 in ggml
 _SCALARS = {
     V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
     V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d",
@@ -204,7 +207,7 @@ def _parse(path: Path, buf, part: int) -> Header:
         key = c.string()
         start = c.pos
         vt = V(c.scalar(V.UINT32))
-        value = c.value(vt, _FULL_ARRAYS if key.startswith("nvfp4q.") else HEAD_ITEMS)
+        value = c.value(vt, _FULL_ARRAYS if key.startswith(_FULL_KEYS) else HEAD_ITEMS)
         fields[key] = Field(key, vt, value, (start, c.pos))
     align_field = fields.get("general.alignment")
     alignment = int(align_field.value) if align_field is not None else DEFAULT_ALIGNMENT
@@ -217,6 +220,8 @@ def _parse(path: Path, buf, part: int) -> Header:
         if n_dims > MAX_DIMS:
             raise UserError(f"{path}: tensor {name} has {n_dims} dimensions")
         shape = tuple(c.scalar(V.UINT64) for _ in range(n_dims))
+        if 0 in shape or math.prod(shape) >= MAX_ELEMENTS:  # as ggml's own loader refuses them
+            raise UserError(f"{path}: tensor {name} has an impossible shape {list(shape)}")
         infos.append((name, shape, c.scalar(V.UINT32), c.scalar(V.UINT64)))
     data_start = -(-c.pos // alignment) * alignment
     tensors = [Tensor(n, s, t, o, data_start + o, part) for n, s, t, o in infos]
@@ -237,5 +242,13 @@ def split_parts(path: Path) -> list[Path]:
 
 
 def read_parts(path: Path) -> list[Header]:
-    """The headers of every part of the model that path names (one for a single file)."""
-    return [read(p, i) for i, p in enumerate(split_parts(path))]
+    """The headers of every part of the model that path names (one for a single file); a tensor
+    name may occur once in all of them (llama.cpp refuses a model otherwise, our writer too)."""
+    headers = [read(p, i) for i, p in enumerate(split_parts(path))]
+    seen = set()
+    for h in headers:
+        for t in h.tensors:
+            if t.name in seen:
+                raise UserError(f"{h.path}: tensor {t.name} occurs twice in the model")
+            seen.add(t.name)
+    return headers

@@ -7,6 +7,7 @@ through gguf's writer for the header, metadata and tensor infos, then tensor dat
 tensor at a time.
 """
 
+import functools
 import mmap
 import os
 import signal
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGUFWriter
 from gguf import GGMLQuantizationType as T
 from gguf.gguf_writer import GGUFValue
 from gguf.quants import dequantize
@@ -71,16 +72,6 @@ class Model:
         return sum(p.stat().st_size for p in self.paths)
 
 
-def open_reader(path: Path) -> GGUFReader:
-    """gguf's reader (for small files such as imatrices), its exceptions made one line."""
-    if not gguf_header.is_gguf(path):
-        raise UserError(f"{path}: not a GGUF file (bad magic)")
-    try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # gguf raises ValueError, IndexError, struct errors on bad files
-        raise UserError(f"{path}: not a valid GGUF file (truncated or corrupt: {e})") from None
-
-
 def _map(path: Path) -> mmap.mmap:
     try:
         with open(path, "rb") as f:
@@ -116,15 +107,32 @@ def to_float32(t: SourceTensor, start: int, stop: int, allow_requantize: bool) -
         return kernels.f16_to_f32(raw.view(np.uint16))
     if qtype == T.BF16:
         return kernels.bf16_to_f32(raw.view(np.uint16))
-    if allow_requantize and qtype in GGML_QUANT_SIZES and qtype not in (T.I8, T.I16, T.I32, T.I64, T.F64):
-        return dequantize(raw, qtype).astype(np.float32).reshape(stop - start, -1)
+    if allow_requantize and gguf_decodes(qtype):
+        return dequantized(raw, qtype)
     raise UserError(f"tensor {t.info.name}: cannot convert from type {qtype.name}")
+
+
+@functools.cache
+def gguf_decodes(qtype: T) -> bool:
+    """Whether gguf's dequantizer handles the type (integer types, Q8_1, Q8_K, ... it does not)."""
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def dequantized(raw: np.ndarray, qtype: T) -> np.ndarray:
+    """Rows of raw blocks [rows, row bytes] decoded by gguf as float32 [rows, ne0]. A damaged
+    block decodes to inf or NaN (inf * 0) without numpy's warnings: callers check the values."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return dequantize(raw, qtype).astype(np.float32).reshape(raw.shape[0], -1)
 
 
 def check_convertible(t: SourceTensor, allow_requantize: bool) -> None:
     if t.info.type in FLOAT_SOURCES:
         return
-    if t.info.type in (T.I8, T.I16, T.I32, T.I64, T.F64):
+    if not gguf_decodes(t.info.type):
         raise UserError(f"tensor {t.info.name}: unsupported source type {t.info.type.name}")
     if not allow_requantize:
         raise UserError(

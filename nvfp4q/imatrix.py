@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType as V
 
 from nvfp4q import gguf_header
 from nvfp4q.errors import UserError
@@ -39,7 +40,7 @@ def load(path: Path) -> Imatrix:
     imat = _load_gguf(path) if gguf_header.is_gguf(path) else _load_dat(path)
     for name, e in imat.entries.items():
         if not np.all(np.isfinite(e.values)):
-            raise UserError(f"{path}: imatrix entry {name} has non-finite values")
+            raise UserError(f"{path}: imatrix entry {name} has non-finite values (after dividing by its counts)")
     return imat
 
 
@@ -82,37 +83,53 @@ def _load_dat(path: Path) -> Imatrix:
 
 
 def _load_gguf(path: Path) -> Imatrix:
-    from nvfp4q.gguf_io import open_reader
-
-    reader = open_reader(path)
-
-    def key(name: str):
-        f = reader.get_field(name)
-        if f is None:
-            raise UserError(f"{path}: GGUF imatrix lacks the key {name}")
-        return f.contents()
-
-    datasets, chunk_count, chunk_size = key("imatrix.datasets"), key("imatrix.chunk_count"), key("imatrix.chunk_size")
-    tensors = {t.name: t for t in reader.tensors}
+    """Through nvfp4q's own header parser and bounded reads: gguf's reader raises, warns or
+    allocates without bound on a damaged file (a bad UTF-8 string, a huge count)."""
+    h = gguf_header.read(path)
+    datasets, chunk_count, chunk_size = (_key(h, k) for k in ("imatrix.datasets", "imatrix.chunk_count",
+                                                              "imatrix.chunk_size"))
+    if not (isinstance(datasets, gguf_header.Array) and datasets.item_type == V.STRING and datasets.complete):
+        raise UserError(f"{path}: imatrix.datasets is not a list of strings")
+    for k, v in (("imatrix.chunk_count", chunk_count), ("imatrix.chunk_size", chunk_size)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise UserError(f"{path}: {k} is not an integer")
+    tensors = {t.name: t for t in h.tensors}
     entries = {}
-    for name, t in tensors.items():
-        if not name.endswith(_COUNTS):
-            continue
-        base = name[: -len(_COUNTS)]
-        sums = tensors.get(base + _SUM2)
-        if sums is None:
-            raise UserError(f"{path}: {name} has no matching {base}{_SUM2}")
-        s = np.asarray(sums.data, dtype=np.float32).reshape(-1, int(sums.shape[0]))
-        c = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        if c.shape[0] != s.shape[0]:
-            raise UserError(f"{path}: {base}: {c.shape[0]} counts for {s.shape[0]} matrices")
-        seen = c > 0
-        values = np.where(seen[:, None], s / np.where(seen, c, 1)[:, None], np.float32(1))
-        entries[base] = Entry(values.astype(np.float32), seen)
+    with open(path, "rb") as f:
+        for name, t in tensors.items():
+            if not name.endswith(_COUNTS):
+                continue
+            base = name[: -len(_COUNTS)]
+            sums = tensors.get(base + _SUM2)
+            if sums is None:
+                raise UserError(f"{path}: {name} has no matching {base}{_SUM2}")
+            s, c = _f32(f, h, sums), _f32(f, h, t).reshape(-1)
+            if c.shape[0] != s.shape[0]:
+                raise UserError(f"{path}: {base}: {c.shape[0]} counts for {s.shape[0]} matrices")
+            seen = c > 0
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is refused by load()
+                values = np.where(seen[:, None], s / np.where(seen, c, 1)[:, None], np.float32(1))
+            entries[base] = Entry(values.astype(np.float32), seen)
     for name in tensors:
         if name.endswith(_SUM2) and name[: -len(_SUM2)] not in entries:
             raise UserError(f"{path}: {name} has no matching counts")
-    return Imatrix(path, "gguf", entries, list(datasets), int(chunk_count), int(chunk_size))
+    return Imatrix(path, "gguf", entries, list(datasets.head), chunk_count, chunk_size)
+
+
+def _key(h: gguf_header.Header, name: str):
+    if name not in h.fields:
+        raise UserError(f"{h.path}: GGUF imatrix lacks the key {name}")
+    return h.fields[name].value
+
+
+def _f32(f, h: gguf_header.Header, t: gguf_header.Tensor) -> np.ndarray:
+    """A tensor's values as float32 [rows, ne0]; llama.cpp reads imatrix tensors as F32 only."""
+    if t.type != GGMLQuantizationType.F32 or t.nbytes is None:
+        raise UserError(f"{h.path}: {t.name} is not F32 values (type {t.type_name}, shape {list(t.shape)})")
+    if t.offset + t.nbytes > h.file_size:
+        raise UserError(f"{h.path}: truncated: {t.name} ends past the end of the file")
+    f.seek(t.offset)
+    return np.frombuffer(f.read(t.nbytes), np.float32).reshape(t.rows, t.shape[0])
 
 
 def for_tensor(imat: Imatrix, name: str, shape: tuple[int, ...]) -> Entry | None:

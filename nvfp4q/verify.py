@@ -11,10 +11,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType as T, GGUFValueType as V
 
-from nvfp4q import global_scale, gguf_header, imatrix, kernels
+from nvfp4q import global_scale, gguf_header, gguf_io, imatrix, kernels
 from nvfp4q.errors import UserError
 
 SLAB_BYTES = 16 << 20  # decoded float32 bytes per slab
@@ -24,7 +23,9 @@ NAN_CODE, SIGN_BIT = 0x7F, 0x80
 
 
 def decode(qtype: T, raw: np.ndarray) -> np.ndarray:
-    """Raw uint8 rows [rows, row bytes] -> values [rows, ne0] (float32, or the file's own dtype)."""
+    """Raw uint8 rows [rows, row bytes] -> values [rows, ne0] (float32, or the file's own dtype).
+    Damaged bytes decode to inf or NaN (with numpy's warnings unless the caller, who checks the
+    values, computes under np.errstate)."""
     if qtype == T.NVFP4:
         return kernels.dequantize_nvfp4(raw)
     if qtype == T.Q8_0:
@@ -33,7 +34,13 @@ def decode(qtype: T, raw: np.ndarray) -> np.ndarray:
         return kernels.bf16_to_f32(raw.view(np.uint16))
     if qtype in _VIEWS:
         return raw.view(_VIEWS[qtype])
-    return dequantize(raw, qtype).reshape(raw.shape[0], -1)
+    return gguf_io.dequantized(raw, qtype)
+
+
+def decodable(qtype: T | None) -> bool:
+    """Whether decode() can read the type (gguf has no dequantizer for a few)."""
+    own = (T.NVFP4, T.Q8_0, T.BF16, *_VIEWS)
+    return qtype is not None and (qtype in own or gguf_io.gguf_decodes(qtype))
 
 
 def row_ranges(t: gguf_header.Tensor):
@@ -74,6 +81,8 @@ def layout_problems(h: gguf_header.Header) -> tuple[list[dict], set[str]]:
         elif t.offset + t.nbytes > h.file_size:
             problem(t, f"extends past the end of the file: data ends at byte {t.offset + t.nbytes}, "
                        f"{h.path.name} has {h.file_size} bytes", readable=False)
+        elif not decodable(t.type):
+            problem(t, f"type {t.type_name} cannot be decoded (no dequantizer for it)", readable=False)
         if t.rel_offset % h.alignment:
             problem(t, f"data offset {t.rel_offset} is not a multiple of the alignment {h.alignment}")
     placed = sorted((t for t in h.tensors if t.name not in unreadable), key=lambda t: t.offset)
@@ -95,14 +104,15 @@ def _check_values(f, t: gguf_header.Tensor, codes: np.ndarray) -> list[str]:
         if t.type == T.NVFP4:
             scales = raw.reshape(stop - start, -1, kernels.NVFP4_BYTES)[:, :, :4]
             own += np.bincount(scales.ravel(), minlength=256)
-        x = decode(t.type, raw)
-        bad = ~np.isfinite(x) if x.dtype.kind == "f" else None
+        with np.errstate(over="ignore", invalid="ignore"):  # damaged values: counted here, not warned
+            x = decode(t.type, raw)
+            bad = ~np.isfinite(x) if x.dtype.kind == "f" else None
+            nonzero = nonzero or bool(np.any(x != 0))
         if bad is not None and bad.any():
             if first_bad is None:
                 r, c = np.unravel_index(int(np.argmax(bad)), bad.shape)
                 first_bad = (start + int(r), int(c))
             nonfinite += int(bad.sum())
-        nonzero = nonzero or bool(np.any(x != 0))
     codes += own
     found = []
     if own[NAN_CODE]:
@@ -155,19 +165,21 @@ def _weights(entry: imatrix.Entry | None, n_mat: int, ne0: int) -> np.ndarray:
 
 
 def _tensor_error(files, t, s, weights, scale) -> tuple[float, float]:
-    """Weighted sums of squared error and of squared source values over one tensor.
+    """Weighted sums of squared error and of squared source values over one tensor; inf or NaN
+    when a decoded value is not finite (reported as null), without numpy's warnings.
 
     scale: the tensor's `.scale` sidecar values (one per expert), which llama.cpp multiplies in.
     """
     err = ref = 0.0
     for mat, start, stop in row_ranges(t):
-        q = decode(t.type, read_rows(files[0], t, start, stop)).astype(np.float64)
-        if scale is not None:
-            q *= float(scale[min(mat, len(scale) - 1)])
-        x = decode(s.type, read_rows(files[1], s, start, stop)).astype(np.float64)
+        q_raw, x_raw = read_rows(files[0], t, start, stop), read_rows(files[1], s, start, stop)
         w = weights[min(mat, len(weights) - 1)]
-        err += float((((q - x) ** 2) * w).sum())
-        ref += float(((x * x) * w).sum())
+        with np.errstate(over="ignore", invalid="ignore"):
+            q, x = decode(t.type, q_raw).astype(np.float64), decode(s.type, x_raw).astype(np.float64)
+            if scale is not None:
+                q *= float(scale[min(mat, len(scale) - 1)])
+            err += float((((q - x) ** 2) * w).sum())
+            ref += float(((x * x) * w).sum())
     return err, ref
 
 
@@ -190,7 +202,7 @@ def _sidecar(files, tensors: dict, name: str) -> np.ndarray | None:
 
 
 def _readable(h: gguf_header.Header, t: gguf_header.Tensor) -> bool:
-    return t.nbytes is not None and t.offset + t.nbytes <= h.file_size
+    return t.nbytes is not None and t.offset + t.nbytes <= h.file_size and decodable(t.type)
 
 
 def _skip_reason(h: gguf_header.Header, t: gguf_header.Tensor, sh, s) -> str | None:
@@ -203,14 +215,27 @@ def _skip_reason(h: gguf_header.Header, t: gguf_header.Tensor, sh, s) -> str | N
     return None
 
 
+def _recorded_factors(h: gguf_header.Header) -> dict[str, float]:
+    """The rescaling factors a run recorded, by tensor; UserError when the keys are damaged (one
+    without the other, other types or lengths, a factor 0 or not finite)."""
+    names, values = (h.get(f"nvfp4q.rescale{k}") for k in ("d_tensors", "_factors"))
+    if names is None and values is None:
+        return {}
+    arrays = isinstance(names, gguf_header.Array) and isinstance(values, gguf_header.Array)
+    if not (arrays and names.item_type == V.STRING and values.item_type in (V.FLOAT32, V.FLOAT64)
+            and names.complete and values.complete and names.length == values.length
+            and all(math.isfinite(v) and v != 0 for v in values.head)):
+        raise UserError(f"{h.path}: damaged nvfp4q.rescaled_tensors / nvfp4q.rescale_factors")
+    return dict(zip(names.head, values.head))
+
+
 def against(headers: list[gguf_header.Header], source: Path, imatrix_path: Path | None) -> dict:
     """Each tensor's error against the same-named, same-shaped tensor of SOURCE, worst first."""
     src_headers = gguf_header.read_parts(source)
     imat = imatrix.load(imatrix_path) if imatrix_path is not None else None
     src = {t.name: (h, t) for h in src_headers for t in h.tensors}
     ours = {t.name: (h, t) for h in headers for t in h.tensors}
-    names, values = (headers[0].get(f"nvfp4q.rescale{k}") for k in ("d_tensors", "_factors"))
-    factors = dict(zip(names.head, values.head)) if names is not None and values is not None else {}
+    factors = _recorded_factors(headers[0])
     rows, skipped, err_total, ref_total = [], [], 0.0, 0.0
     with ExitStack() as stack:
         files = [stack.enter_context(open(h.path, "rb")) for h in headers]
