@@ -432,6 +432,8 @@ REGRESSIONS = [  # target, file, mutations, exit code now, id
     # a type gguf cannot dequantize: NotImplementedError from inspect --verify (now a problem, exit 1)
     ("inspect-verify-nvfp4", "nvfp4.gguf", lambda at: [("int", at("token_embd.weight", "type"), 4, TYPE_Q8_1)],
      1, "verify-q8_1"),
+    # a recorded rescaling factor 0: inspect --against divided by it (ZeroDivisionError; found in review)
+    ("inspect-against", "nvfp4.gguf", lambda at: [("int", at("nvfp4q.rescale_factors", 5), 4, 0)], 2, "factor-0"),
     # imatrix in_sum2 with ne0 0: numpy's reshape raised ValueError
     ("imatrix-gguf", "imatrix.gguf", lambda at: [("int", at(Q + ".in_sum2", "dims"), 8, 0)], 1, "zero-ne0-imatrix"),
     # a count of 1.4e-45: numpy printed "RuntimeWarning: overflow encountered in divide" before the error
