@@ -189,6 +189,35 @@ def inspect(
         raise typer.Exit(EXIT_FAILURE)
 
 
+@app.command("eval", cls=_OneLineErrors)
+def eval_(
+    base: Annotated[Path, typer.Argument(help="The reference GGUF (the f16 model).")],
+    quants: Annotated[list[Path], typer.Argument(help="Quantized GGUFs of the same model.")],
+    text: Annotated[Path, typer.Option(help="UTF-8 text to evaluate on (not the imatrix's or calibration's).")],
+    chunks: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N chunks (default: all).")] = None,
+    ctx: Annotated[int, typer.Option(min=8, help="Tokens per chunk; the second half of each is scored.")] = 512,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads (default: all cores).")] = None,
+    paired: Annotated[bool, typer.Option(help="Also the paired difference of each QUANT after the first against the first.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (schema: docs/eval-json.md).")] = False,
+) -> None:
+    """PPL, PPL ratio, KLD and top-1 agreement of each QUANT against BASE, run by stock llama.cpp."""
+    from nvfp4q import eval_view, evaluation
+
+    try:
+        with eval_view.progress(enabled=sys.stderr.isatty()) as on_chunk:
+            result = evaluation.evaluate(base, quants, text, ctx, chunks, threads or os.cpu_count() or 1,
+                                         on_chunk)
+    except UserError as e:
+        _fail(str(e), EXIT_FAILURE)
+    doc = evaluation.document(result, paired)
+    if json_out:
+        import json
+
+        print(json.dumps(doc, indent=2, allow_nan=False))
+    else:
+        eval_view.render(doc)
+
+
 def main() -> None:
     logging.getLogger("gguf").setLevel(logging.ERROR)  # its warnings are not for our users
     signal.signal(signal.SIGTERM, _on_signal)
