@@ -1,11 +1,15 @@
 """Per-tensor scales for NVFP4: `.scale` sidecars, or factors the network absorbs exactly.
 
 ggml's NVFP4 block has no per-tensor scale, so the sub-block scales of small weights fall into
-UE4M3's 3-bit subnormal range. Quantizing W/g instead, with g chosen so that the largest
-element reaches the top of the grid, lets the scale codes use the normal range; llama.cpp
-multiplies the matmul result by g again. Only where the architecture's graph applies the
-sidecar (it loads them everywhere and silently ignores most): SIDECARS, each entry proven by
-tests/test_global_scale.py with stock llama.cpp.
+UE4M3's 3-bit subnormal range. Quantizing W/g instead, with g a power of two that brings the
+largest element up to TARGET, lets the scale codes use the normal range; llama.cpp multiplies
+the matmul result by g again. Being a power of two, g only moves the exponent: every sub-block
+whose codes were normal gets the same nibbles and the same value as without it, so the result is
+the single-level quantization with its subnormal sub-blocks mended, and nothing else (a g off
+the powers of two, or refitted by least squares, reshuffles every block: docs/global-scale.md
+measured that as noise that can go either way). Only where the architecture's graph applies
+the sidecar (it loads them everywhere and silently ignores most): SIDECARS, each entry proven
+by tests/test_global_scale.py with stock llama.cpp.
 
 Where no sidecar is applied, powers of two can be moved between tensors whose product the
 network computes exactly (RESCALES): the weights change, the function does not, and nothing
@@ -54,9 +58,6 @@ RESCALES: dict[str, Rescale] = {
 }
 MODES = ("auto", "sidecar", "rescale", "off")
 
-# The largest element lands on the grid's top value, 12 x decode(0x7E) = 12 x 224.
-GRID_MAX = np.float32(12 * 224)
-
 
 def kind(name: str) -> str | None:
     """'blk.3.ffn_down.weight' -> 'ffn_down'."""
@@ -81,10 +82,12 @@ def applies(arch: str, name: str, has_bias: bool = False) -> bool:
     return k in SIDECARS.get(arch, frozenset()) and not (has_bias and k.startswith("ffn_"))
 
 
-# The inputs' largest |w| goes to at most 2^6 (a), then up and down meet halfway (b). Far
-# below the grid's top: a also divides the activations the inputs read, and ggml's CPU matmul
-# quantizes those to Q8_0 with an fp16 block scale; 64 already puts every sub-block with amax
-# above 1/1000 of the tensor's in UE4M3's normal range.
+# A tensor's largest |w| goes to at most 2^6 (a sidecar's 1/g, a rescaled layer's a; then up
+# and down meet halfway, b). 64 puts every sub-block with amax above 1/1000 of the tensor's in
+# UE4M3's normal range, and stays far below the grid's top (12 x 224), so that the search window
+# of the largest sub-blocks is never cut short there (which would change their codes). A
+# rescaling factor a also divides the activations the inputs read, which ggml's CPU matmul
+# quantizes to Q8_0 with an fp16 block scale: one more reason to stay low.
 TARGET = 64.0
 
 
@@ -117,11 +120,7 @@ def rescaled_layers(arch: str, names: list[str]) -> dict[str, dict[str, str]]:
     return {prefix: members for prefix, members in layers.items() if len(members) == len(rule.kinds)}
 
 
-def initial(amax: float) -> np.float32:
-    """g that maps the expert's largest |w| onto the top of the NVFP4 grid (1 for all-zero)."""
-    return np.float32(amax / GRID_MAX) if amax > 0 else np.float32(1.0)
-
-
-def refit(g: np.float32, sum_xq: float, sum_qq: float) -> np.float32:
-    """Weighted least squares for the scale, given sums of w*y*q and w*q*q (y = x / g)."""
-    return np.float32(g * sum_xq / sum_qq) if sum_qq > 0 else g
+def sidecar_scale(amax: float) -> np.float32:
+    """g for an expert whose largest |w| is amax: W/g has its largest |w| in (TARGET/2, TARGET]
+    (1 for an all-zero expert)."""
+    return np.float32(1.0 / _pow2(TARGET / amax if amax > 0 else 0.0, np.floor))

@@ -379,36 +379,6 @@ def bf16_to_f32(bits):
 
 
 @njit(cache=True, parallel=True)
-def _fit_sums(blocks, y, importance, sums):
-    nblocks = blocks.shape[1] // NVFP4_BYTES
-    for r in prange(blocks.shape[0]):
-        yq = 0.0
-        qq = 0.0
-        for b in range(nblocks):
-            for s in range(4):
-                d = SCALES[blocks[r, b * NVFP4_BYTES + s]]
-                for j in range(NVFP4_SUB):
-                    q = np.float64(_value(blocks, r, b * NVFP4_BYTES, s, j, d))
-                    col = b * NVFP4_BLOCK + s * NVFP4_SUB + j
-                    w = np.float64(importance[col]) if importance.shape[0] > 0 else 1.0
-                    yq += w * np.float64(y[r, col]) * q
-                    qq += w * q * q
-        sums[r, 0] = yq
-        sums[r, 1] = qq
-
-
-def fit_sums(blocks, y, importance=None):
-    """sum(w*y*q) and sum(w*q*q) over NVFP4 blocks q of y: the least-squares fit of a scale.
-
-    Per-row sums in float64, added in row order, so the result does not depend on threads.
-    """
-    imp = np.empty(0, np.float32) if importance is None else np.ascontiguousarray(importance, np.float32)
-    sums = np.empty((blocks.shape[0], 2), np.float64)
-    _fit_sums(np.ascontiguousarray(blocks), np.ascontiguousarray(y, np.float32), imp, sums)
-    return float(sums[:, 0].sum()), float(sums[:, 1].sum())
-
-
-@njit(cache=True, parallel=True)
 def _row_scan(x, amax, bad):
     for r in prange(x.shape[0]):
         m = np.float32(0.0)

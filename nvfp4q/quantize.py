@@ -14,11 +14,11 @@ from nvfp4q import global_scale, gguf_io, imatrix, kernels
 from nvfp4q.errors import UserError
 from nvfp4q.plan import Options, Step, file_type_of, make_plan
 
-# Error weights (--weighting): the imatrix value plus a tenth of its mean over the tensor, so
-# that columns the calibration text hardly exercised still count (lowest mean KLD on the
-# development model, on text unlike the calibration's: docs/global-scale.md); the imatrix value
-# alone; or ggml's k-quant weight, importance * sqrt(sigma2 + x^2).
-WEIGHTINGS = ("floor", "importance", "ggml")
+# Error weights (--weighting): the imatrix value (the default: the upstream method's); the
+# imatrix value plus a tenth of its mean over the tensor, so that columns the calibration text
+# hardly exercised count too (helped gemma3 slightly, hurt llama on code: docs/global-scale.md);
+# or ggml's k-quant weight, importance * sqrt(sigma2 + x^2).
+WEIGHTINGS = ("importance", "floor", "ggml")
 FLOOR = 0.1
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
 QUANTIZATION_VERSION = 2
@@ -31,7 +31,7 @@ FINITE_BELOW = {T.F16: _F16_INF, T.Q8_0: _F16_INF * 127, T.BF16: float(np.uint32
 @dataclass(frozen=True)
 class Settings:
     search: int = 12
-    weighting: str = "floor"  # one of WEIGHTINGS
+    weighting: str = "importance"  # one of WEIGHTINGS
     imatrix: Path | None = None
     imatrix_strict: bool = False
     include_weights: tuple[str, ...] = ()
@@ -183,7 +183,7 @@ def _too_large(step: Step, rows: np.ndarray, start: int) -> UserError:
 
 
 def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
-    """One expert's imatrix values as the kernel weighs them (and the sidecar refit)."""
+    """One expert's imatrix values as the kernel weighs them."""
     return (values + np.float32(FLOOR * values.mean(dtype=np.float64))).astype(np.float32) \
         if s.weighting == "floor" else values
 
@@ -191,9 +191,9 @@ def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
 def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.ndarray | None]:
     """One tensor's output bytes, and its sidecar scales (one per expert) when it has one.
 
-    Converted slab by slab; a slab never crosses an expert. With a sidecar, a first pass
-    finds each expert's amax for its initial scale g, the second quantizes W/g and refits g
-    by importance-weighted least squares on the chosen values.
+    Converted slab by slab; a slab never crosses an expert. With a sidecar, each expert's
+    amax gives its power of two g first (a pass of its own when the expert spans several
+    slabs), then W/g is quantized.
     """
     step, t = job.plan[index], job.model.tensors[index]
     if not step.converts:
@@ -212,21 +212,16 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
             g = factor_g
         elif per_expert <= slab:  # one slab: convert it once
             slabs = list(slabs)
-            g = global_scale.initial(slabs[0][2])
+            g = global_scale.sidecar_scale(slabs[0][2])
         else:
-            g = global_scale.initial(_amax(t, first, first + per_expert, s))
-        sum_yq = sum_qq = 0.0
+            g = global_scale.sidecar_scale(_amax(t, first, first + per_expert, s))
         for start, rows, amax in slabs:
             if amax >= FINITE_BELOW.get(step.type, np.inf):  # these types have no sidecar or factor: g is 1
                 raise _too_large(step, rows, start)
             y = rows / g if g != 1 else rows
-            enc = _encode(step, y, imp, s).view(np.uint8).reshape(len(rows), -1)
-            out[start:start + len(rows)] = enc
-            if step.sidecar:
-                yq, qq = kernels.fit_sums(enc, y, imp)
-                sum_yq, sum_qq = sum_yq + yq, sum_qq + qq
+            out[start:start + len(rows)] = _encode(step, y, imp, s).view(np.uint8).reshape(len(rows), -1)
         if step.sidecar:
-            scales[expert] = global_scale.refit(g, sum_yq, sum_qq)
+            scales[expert] = g
     return out, scales
 
 

@@ -327,18 +327,19 @@ def test_imatrix_output_runs_in_llama_cpp_and_records_the_imatrix(e2e):
     assert meta["quantize.imatrix.file"][1].endswith("imatrix.gguf")
 
 
-def test_default_weighting_is_the_importance_plus_a_tenth_of_its_mean(src, e2e, tmp_path):
-    """--weighting floor (the default) on an imatrix equals --weighting importance on one whose
-    values were floored here; the raw importance gives other bytes."""
+def test_floor_weighting_is_the_importance_plus_a_tenth_of_its_mean(src, e2e, tmp_path):
+    """--weighting floor on an imatrix equals the default (--weighting importance) on one whose
+    values were floored here; the default on the raw imatrix gives other bytes."""
     _, weighted, importance = e2e
     floored = {n: imp + F32(0.1 * imp.mean(dtype=np.float64)) for n, imp in importance.items()}
     arrays = {k: v for n, imp in floored.items() for k, v in gguf_arrays(n, imp, [1]).items()}
     imat = write_imatrix(tmp_path / "floored-imatrix.gguf", arrays)
     outs = {}
-    for tag, path in (("floored", imat), ("raw", e2e[0].parent / "imatrix.gguf")):
+    for tag, path, extra in (("floored", imat, ()), ("floor", e2e[0].parent / "imatrix.gguf", ("--weighting", "floor"))):
         outs[tag] = tmp_path / f"{tag}.gguf"
-        run_cli("quantize", src, outs[tag], "--imatrix", path, "--weighting", "importance", "-q", check=True)
-    ours, floor_, raw = tensors(weighted), tensors(outs["floored"]), tensors(outs["raw"])
-    assert all(np.array_equal(np.asarray(ours[n].data), np.asarray(floor_[n].data)) for n in importance)
-    assert not all(np.array_equal(np.asarray(ours[n].data), np.asarray(raw[n].data)) for n in importance)
-    assert GGUFReader(weighted).get_field("nvfp4q.weighting").contents() == "floor"
+        run_cli("quantize", src, outs[tag], "--imatrix", path, *extra, "-q", check=True)
+    floor_, floored_, raw = tensors(outs["floor"]), tensors(outs["floored"]), tensors(weighted)
+    assert all(np.array_equal(np.asarray(floor_[n].data), np.asarray(floored_[n].data)) for n in importance)
+    assert not all(np.array_equal(np.asarray(floor_[n].data), np.asarray(raw[n].data)) for n in importance)
+    assert GGUFReader(outs["floor"]).get_field("nvfp4q.weighting").contents() == "floor"
+    assert GGUFReader(weighted).get_field("nvfp4q.weighting").contents() == "importance"

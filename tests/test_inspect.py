@@ -81,7 +81,7 @@ def test_json_facts_of_an_nvfp4q_file_match_gguf_reader(tiny):
     assert [row["bytes"] for row in doc["types"]] == sorted((row["bytes"] for row in doc["types"]), reverse=True)
     sidecars = sum(t.name.endswith(".scale") for t in ts)
     assert sidecars > 0
-    assert doc["provenance"] == {"nvfp4q.search": 12, "nvfp4q.weighting": "floor",
+    assert doc["provenance"] == {"nvfp4q.search": 12, "nvfp4q.weighting": "importance",
                                  "nvfp4q.sidecar_count": sidecars}
     listed = [t for t in ts if "ffn_down" in t.name or "ffn_up" in t.name]
     assert doc["tensors"] == [

@@ -225,7 +225,7 @@ def test_json_run_document(src, tmp_path):
     }
     assert doc["imatrix"]["with_data"] and doc["imatrix"]["excluded"]
     opts = doc["options"]
-    assert (opts["search"], opts["weighting"], opts["global_scale"], opts["threads"]) == (3, "floor", "auto", 1)
+    assert (opts["search"], opts["weighting"], opts["global_scale"], opts["threads"]) == (3, "importance", "auto", 1)
     assert opts["imatrix"] == str(imat) and opts["exclude_weights"] == ["blk.1."] and opts["include_weights"] == []
     assert opts["tensor_types"] == [{"pattern": "attn_v", "type": "Q8_0"}]
     assert (opts["output_tensor_type"], opts["token_embedding_type"], opts["pure"]) == (None, None, False)

@@ -92,6 +92,26 @@ def test_rescaled_quantization_is_closer_to_f16_in_llama_cpp(preset, tmp_path):
     assert err["rescale"] < 0.5 * err["off"]
 
 
+def test_a_sidecar_only_mends_subnormal_sub_blocks(tmp_path):
+    """g is a power of two putting the tensor's largest |w| in (32, 64]: every sub-block whose
+    single-level search window lies in UE4M3's normal range gets the same value as without it
+    (weights grown 32x so that most do)."""
+    src, outs = small_model(tmp_path, Shape("llama", 128, 2, 256, 320, 4, 2, 32), 1 / 32)
+    single, two, source = tensors(outs["off"]), tensors(outs["auto"]), tensors(src)
+    sidecars = [n for n in two if n.endswith(".scale")]
+    assert len(sidecars) >= 8
+    for sc in sidecars:
+        name = sc.removesuffix(".scale") + ".weight"
+        g = float(np.asarray(two[sc].data)[0])
+        assert g == 2.0 ** round(np.log2(g))
+        assert 32 < np.abs(np.asarray(source[name].data, np.float64)).max() / g <= 64
+        codes = np.asarray(single[name].data).reshape(-1, 36)[:, :4].reshape(-1)
+        normal = codes >= 8 + 2 * 12  # the chosen code is at most 12 above the window's centre
+        assert normal.mean() > 0.9, name
+        a, b = decoded(single, name).reshape(-1, 16), decoded(two, name).reshape(-1, 16)
+        assert np.array_equal(a[normal], b[normal]), name
+
+
 def test_stock_llama_cpp_applies_them(small_weights):
     src, outs = small_weights
     ref = logits(src)
