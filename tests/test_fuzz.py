@@ -1,7 +1,8 @@
 """Seeded mutation fuzzing: damaged models and imatrix files through the CLI must fail cleanly.
 
-Each case takes a valid file (the tiny model, an imatrix GGUF or a legacy .dat imatrix matching
-it), applies one to three mutations (bit flips, byte sets, 32/64-bit little-endian fields set to
+Each case takes a valid file (the tiny llama model; a tiny gemma3 model quantized by nvfp4q, with
+NVFP4 and Q8_0 tensors, sidecars and rescaling factors; an imatrix GGUF or a legacy .dat imatrix
+for the tiny model), applies one to three mutations (bit flips, byte sets, 32/64-bit little-endian fields set to
 0, 1, 2^31, 2^63-1 or 2^64-1, truncation, a splice of one region over another; about 80% of them
 in the header: metadata and tensor infos, or the .dat records), and runs one command on it. Every
 case must exit 0, 1 or 2; on failure stderr is exactly one line `nvfp4q: error: ...` (never a
@@ -51,6 +52,7 @@ class Layout:
     data: bytes
     header: list[tuple[int, int]]
     fields: list[int]
+    path: Path | None = None  # the valid file, for where()
 
     @property
     def body(self) -> list[tuple[int, int]]:
@@ -71,7 +73,7 @@ def gguf_layout(path: Path) -> Layout:
     base = r.data.ctypes.data
     fields = [p.ctypes.data - base for f in r.fields.values() for p in f.parts[:6]]
     fields += [p.ctypes.data - base for t in r.tensors for p in t.field.parts]
-    return Layout(path.read_bytes(), [(0, r.data_offset)], sorted(set(fields)))
+    return Layout(path.read_bytes(), [(0, r.data_offset)], sorted(set(fields)), path)
 
 
 def dat_layout(entries: dict, trailer: tuple[int, str]) -> Layout:
@@ -93,10 +95,6 @@ def dat_layout(entries: dict, trailer: tuple[int, str]) -> Layout:
 IMATRIX_WEIGHTS = ("blk.0.attn_q.weight", "blk.0.ffn_up.weight", "blk.1.attn_k.weight")
 
 
-def imatrix_values(rng: np.random.Generator) -> dict:
-    return {name: rng.uniform(0.5, 4.0, IMATRIX_NE0).astype(np.float32) for name in IMATRIX_WEIGHTS}
-
-
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict:
     from helpers import gguf_arrays, run_cli, tiny_model, write_imatrix
@@ -107,12 +105,15 @@ def layouts(tmp_path_factory) -> dict:
     gemma = write(folder / "gemma3-f16.gguf", PRESETS["tiny-gemma3"])[0]
     quantized = folder / "nvfp4.gguf"  # NVFP4, Q8_0 and F32 tensors, .scale sidecars, rescaling factors
     run_cli("quantize", gemma, quantized, "-q", "--search", "2", check=True)
-    values = imatrix_values(np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    values = {name: rng.uniform(0.5, 4.0, IMATRIX_NE0).astype(np.float32) for name in IMATRIX_WEIGHTS}
     arrays = {k: v for n, x in values.items() for k, v in gguf_arrays(n, x * 7, [7]).items()}
     gguf = write_imatrix(folder / "imatrix.gguf", arrays)
-    dat = dat_layout({n: (5, [float(v) for v in x * 5]) for n, x in values.items()}, (5, "calib.txt"))
-    return {"model.gguf": gguf_layout(model), "nvfp4.gguf": gguf_layout(quantized), "imatrix.gguf": gguf_layout(gguf),
-            "imatrix.dat": dat, "source": model, "gemma3": gemma, "paths": {"model.gguf": model, "nvfp4.gguf": quantized, "imatrix.gguf": gguf}}
+    return {
+        "model.gguf": gguf_layout(model), "nvfp4.gguf": gguf_layout(quantized), "imatrix.gguf": gguf_layout(gguf),
+        "imatrix.dat": dat_layout({n: (5, [float(v) for v in x * 5]) for n, x in values.items()}, (5, "calib.txt")),
+        "source": model, "gemma3": gemma,
+    }
 
 
 # --- mutations ---------------------------------------------------------------------------------
@@ -458,7 +459,7 @@ REGRESSIONS = [  # target, file, mutations, exit code now, id
 @pytest.mark.parametrize("target_name, file, build, code", [pytest.param(*r[:4], id=r[4]) for r in REGRESSIONS])
 def test_regressions(worker_proc, layouts, tmp_path, target_name, file, build, code):
     target = next(t for t in TARGETS if t.name == target_name)
-    ops = build(lambda name, part: where(layouts["paths"][file], name, part))
+    ops = build(lambda name, part: where(layouts[file].path, name, part))
     result = run_case(worker_proc, target, apply(layouts[file].data, ops), layouts, tmp_path)
     assert problems(target, result) == [], (ops, result)
     assert result["code"] == code, result
