@@ -164,7 +164,7 @@ def quantize(
         _fail(f"{e.filename or out}: {e.strerror or e}", EXIT_FAILURE)
 
 
-@app.command()
+@app.command(cls=_OneLineErrors)
 def inspect(
     file: Annotated[Path, typer.Argument(help="A model GGUF (any part of a split model) or an imatrix file.")],
     json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (schema: docs/inspect-json.md).")] = False,

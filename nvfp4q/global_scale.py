@@ -57,6 +57,11 @@ RESCALES: dict[str, Rescale] = {
     "qwen2": GATED_FFN,
 }
 MODES = ("auto", "sidecar", "rescale", "off")
+# The kinds whose sidecars `auto` writes: the FFN's, where mending subnormal sub-blocks paid
+# (gemma3's ffn_down had 99.5% of them). Attention sidecars were noise on gemma3 and llama and
+# cost perplexity on qwen2 (docs/global-scale.md): only `--global-scale sidecar` writes them, and
+# output.scale.
+AUTO_SIDECARS = _FFN | _EXPS
 
 
 def kind(name: str) -> str | None:
@@ -69,6 +74,13 @@ def kind(name: str) -> str | None:
 
 def sidecar_name(name: str) -> str:
     return name.removesuffix(".weight") + ".scale"
+
+
+def wants_sidecar(mode: str, arch: str, name: str, has_bias: bool = False) -> bool:
+    """`sidecar`: wherever the graph applies one; `auto`: on the AUTO_SIDECARS kinds of those."""
+    if mode == "auto" and kind(name) not in AUTO_SIDECARS:
+        return False
+    return mode in ("auto", "sidecar") and applies(arch, name, has_bias)
 
 
 def applies(arch: str, name: str, has_bias: bool = False) -> bool:

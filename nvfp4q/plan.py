@@ -50,7 +50,7 @@ class Options:
     token_embedding_type: T | None = None
     pure: bool = False
     leave_output_tensor: bool = False
-    global_scale: str = "off"  # one of global_scale.MODES: "auto" is "sidecar" and "rescale"
+    global_scale: str = "off"  # one of global_scale.MODES (see global_scale.wants_sidecar)
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,7 @@ def plan_tensor(t: TensorInfo, arch: str, opts: Options, has_bias: bool = False)
         raise ValueError(
             f"{t.name}: ne0 {t.shape[0]} does not fit {qtype.name} ({reason}); choose another type"
         )
-    sidecar = (qtype == T.NVFP4 and opts.global_scale in ("auto", "sidecar")
-               and global_scale.applies(arch, t.name, has_bias))
+    sidecar = qtype == T.NVFP4 and global_scale.wants_sidecar(opts.global_scale, arch, t.name, has_bias)
     if sidecar:
         reason += "; + .scale sidecar"
     return Step(t, qtype, reason, nbytes(t.shape, qtype), sidecar)

@@ -181,3 +181,10 @@ def test_divergence_kernels_equal_numpy():
     np.testing.assert_allclose(fq.nll, -lq[np.arange(37), targets], rtol=1e-12)
     np.testing.assert_array_equal(fb.argmax, base.argmax(axis=1))
     np.testing.assert_allclose(divergence.kld(base, fb, quant, fq), (np.exp(lb) * (lb - lq)).sum(axis=1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+def test_usage_errors_are_one_line(command):
+    proc = run_cli(command, "--no-such-option")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["nvfp4q: error: No such option: --no-such-option"]

@@ -99,7 +99,7 @@ FFN_KINDS = ("ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 def test_global_scale_modes():
     auto = ffn_layer()
-    assert auto["attn_q"].sidecar and not auto["attn_q"].rescale
+    assert not auto["attn_q"].sidecar and not auto["attn_q"].rescale  # auto: FFN sidecars only
     assert all(auto[k].rescale and not auto[k].sidecar for k in FFN_KINDS)
     assert auto["ffn_norm"].type == T.F32 and auto["ffn_norm"].converts  # divided by a power of two
     sidecar, rescale, off = ffn_layer(mode="sidecar"), ffn_layer(mode="rescale"), ffn_layer(mode="off")

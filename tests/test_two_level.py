@@ -29,16 +29,25 @@ def test_plan_marks_only_kinds_the_architecture_applies():
     assert not step("token_embd.weight", "llama").sidecar
 
 
-def small_model(folder, shape: Shape, shrink: float, seed: int = 3):
+def test_auto_writes_ffn_sidecars_only():
+    assert step("blk.0.ffn_up.weight", "llama", mode="auto").sidecar
+    assert step("blk.0.ffn_up_exps.weight", "qwen3moe", mode="auto", shape=(256, 64, 4)).sidecar
+    assert not step("blk.0.attn_q.weight", "llama", mode="auto").sidecar
+    output = TensorInfo("output.weight", (256, 64), T.F16)
+    assert [plan_tensor(output, "llama", Options(global_scale=m, output_tensor_type=T.NVFP4)).sidecar
+            for m in ("auto", "sidecar")] == [False, True]
+
+
+def small_model(folder, shape: Shape, shrink: float, seed: int = 3, modes=("off", "sidecar")):
     """A tiny model with shrunk block weights: their scales fall in UE4M3's subnormal range,
-    where a per-tensor scale matters; quantized with --global-scale off and auto."""
+    where a per-tensor scale matters; quantized with each --global-scale mode."""
     src = folder / "small-f16.gguf"
     write(src, shape, seed=seed)
     for t in GGUFReader(src, "r+").tensors:
         if t.name.startswith("blk.") and len(t.shape) >= 2 and "gate_inp" not in t.name:
             t.data[...] = t.data / shrink
     outs = {}
-    for mode in ("off", "auto"):
+    for mode in modes:
         outs[mode] = folder / f"{mode}.gguf"
         run_cli("quantize", src, outs[mode], "--search", 12, "--global-scale", mode, "-q", check=True)
     return src, outs
@@ -51,7 +60,7 @@ def small_weights(tmp_path_factory):
 
 def test_sidecars_cut_the_error_of_small_weights(small_weights):
     src, outs = small_weights
-    source, off, on = tensors(src), tensors(outs["off"]), tensors(outs["auto"])
+    source, off, on = tensors(src), tensors(outs["off"]), tensors(outs["sidecar"])
     assert not any(n.endswith(".scale") for n in off)
     for name, t in on.items():
         if t.tensor_type != T.NVFP4:
@@ -70,8 +79,9 @@ def test_sidecars_cut_the_error_of_small_weights(small_weights):
 # and auto within 0.5% of each other). llama is covered by small_weights below.
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-gemma3"])
 def test_transformed_quantization_is_closer_to_f16_in_llama_cpp(preset, tmp_path):
-    src, outs = small_model(tmp_path, PRESETS[preset], 5)
+    src, outs = small_model(tmp_path, PRESETS[preset], 5, modes=("off", "sidecar", "auto"))
     ref = logits(src)
+    assert rel_rmse(ref, logits(outs["sidecar"])) < rel_rmse(ref, logits(outs["off"]))
     assert rel_rmse(ref, logits(outs["auto"])) < rel_rmse(ref, logits(outs["off"]))
 
 
@@ -97,7 +107,7 @@ def test_a_sidecar_only_mends_subnormal_sub_blocks(tmp_path):
     single-level search window lies in UE4M3's normal range gets the same value as without it
     (weights grown 32x so that most do)."""
     src, outs = small_model(tmp_path, Shape("llama", 128, 2, 256, 320, 4, 2, 32), 1 / 32)
-    single, two, source = tensors(outs["off"]), tensors(outs["auto"]), tensors(src)
+    single, two, source = tensors(outs["off"]), tensors(outs["sidecar"]), tensors(src)
     sidecars = [n for n in two if n.endswith(".scale")]
     assert len(sidecars) >= 8
     for sc in sidecars:
@@ -115,7 +125,7 @@ def test_a_sidecar_only_mends_subnormal_sub_blocks(tmp_path):
 def test_stock_llama_cpp_applies_them(small_weights):
     src, outs = small_weights
     ref = logits(src)
-    assert rel_rmse(ref, logits(outs["auto"])) < rel_rmse(ref, logits(outs["off"]))
+    assert rel_rmse(ref, logits(outs["sidecar"])) < rel_rmse(ref, logits(outs["off"]))
 
 
 def test_search_0_auto_stays_stock(small_weights, tmp_path):
@@ -165,15 +175,15 @@ def test_rescaled_model_runs_and_compares_like_its_source(preset, tmp_path):
 def test_nvfp4_output_gets_a_sidecar_and_is_closer_to_f16(preset, tmp_path):
     src = write(tmp_path / "src.gguf", PRESETS[preset], seed=3, divide={"output.weight": 64})[0]  # small logit weights
     err = {}
-    for mode in ("off", "auto"):
+    for mode in ("off", "sidecar"):
         out = tmp_path / f"{mode}.gguf"
         run_cli("quantize", src, out, "--output-tensor-type", "nvfp4", "--global-scale", mode, "-q",
                 "--tensor-type", r"blk\.=f16", "--token-embedding-type", "f16", check=True)  # the output alone
         ts = tensors(out)
         assert ts["output.weight"].tensor_type == T.NVFP4
-        assert ("output.scale" in ts) == (mode == "auto")
+        assert ("output.scale" in ts) == (mode == "sidecar")
         err[mode] = rel_rmse(logits(src), logits(out))
-    assert err["auto"] < 0.8 * err["off"]
+    assert err["sidecar"] < 0.8 * err["off"]
     plain = tmp_path / "default.gguf"
     run_cli("quantize", src, plain, "-q", check=True)
     assert "output.scale" not in tensors(plain)  # Q8_0 output: llama.cpp would refuse the file
