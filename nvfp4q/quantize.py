@@ -273,6 +273,8 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
             raise UserError(f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {job.nbytes_out / 1e9:.2f} GB")
         w.begin_data()
         for i, step in enumerate(job.plan):
+            if i + 1 < len(job.plan):
+                job.model.tensors[i + 1].prefetch()
             data, scales = convert_tensor(job, i, s)
             w.write_tensor(data)
             if scales is not None:
