@@ -83,7 +83,7 @@ def quantize(
     imatrix: Annotated[Optional[Path], typer.Option(help="Importance matrix (llama-imatrix GGUF or legacy .dat).")] = None,
     search: Annotated[int, typer.Option(min=0, max=126, help="Scale-code search window S; 0 = stock round-to-nearest.")] = 12,
     weighting: Annotated[str, typer.Option(help="Error weight with --imatrix: 'importance' (the imatrix value), 'floor' (imatrix value + 1/10 of its mean over the tensor), 'ggml' (importance * sqrt(sigma2 + x^2)).")] = "importance",
-    global_scale: Annotated[str, typer.Option(help="Per-tensor scales: 'sidecar' (.scale tensors where llama.cpp's graph applies them), 'rescale' (powers of two moved between a layer's norm and weights where the network computes the same function, see docs/global-scale.md), 'auto' (both where the architecture allows; off with --search 0, which stays stock ggml's bytes), 'off'.")] = "auto",
+    global_scale: Annotated[str, typer.Option(help="Per-tensor scales: 'sidecar' (.scale tensors where llama.cpp's graph applies them), 'rescale' (powers of two moved between a layer's norm and weights where the network computes the same function, see docs/global-scale.md), 'auto' (FFN sidecars and rescaling where the architecture allows; off with --search 0, which stays stock ggml's bytes), 'off'.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(min=1, help="Worker threads (default: all cores).")] = None,
     tensor_type: Annotated[Optional[list[str]], typer.Option("--tensor-type", help="REGEX=TYPE override, repeatable, first match wins.")] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option(help="Type for output.weight.")] = None,

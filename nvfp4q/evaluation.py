@@ -36,7 +36,6 @@ class Runner:
 
     def __init__(self, path: Path, ctx: int, threads: int):
         self.lib = _llama_cpp()
-        gguf_header.read_parts(path)  # a clear message for a missing, truncated or non-GGUF file
         try:
             self.llm = self.lib.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
                                       n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -91,6 +90,7 @@ class Result:
 
 
 def _size(path: Path) -> dict:
+    """Read before any model is loaded: a missing, truncated or non-GGUF file gets our message."""
     headers = gguf_header.read_parts(path)
     nbytes = sum(h.file_size for h in headers)
     params = sum(t.n_elements for h in headers for t in h.tensors)
