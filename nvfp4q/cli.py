@@ -93,6 +93,10 @@ def quantize(
     include_weights: Annotated[Optional[list[str]], typer.Option("--include-weights", help="Use the imatrix only for tensors whose name contains this (repeatable).")] = None,
     exclude_weights: Annotated[Optional[list[str]], typer.Option("--exclude-weights", help="Do not use the imatrix for tensors whose name contains this (repeatable).")] = None,
     imatrix_strict: Annotated[bool, typer.Option(help="Fail if an NVFP4 tensor has no imatrix entry.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration file from `nvfp4q calibrate`: round NVFP4 with error feedback through the inputs' covariances (GPTQ-style); its diagonal is the imatrix where it has one.")] = None,
+    damp: Annotated[float, typer.Option(min=1e-6, max=10.0, help="With --calibration: added to the covariance's diagonal, as a fraction of its mean.")] = 0.01,
+    scales: Annotated[str, typer.Option(help="Sub-block scale choice: 'search' (least imatrix-weighted error in the window), 'local' (with --calibration: least error through the sub-block's 16x16 block of the input covariance).")] = "search",
+    error_feedback: Annotated[bool, typer.Option(help="With --calibration: push each column's rounding error onto the columns not yet quantized.")] = True,
     allow_requantize: Annotated[bool, typer.Option(help="Accept already-quantized source tensors (quality suffers).")] = False,
     keep_split: Annotated[bool, typer.Option(help="One output part per input part (split input).")] = False,
     split_max_size: Annotated[Optional[str], typer.Option(help="Split the output into parts of at most this size (e.g. 48G, 500M).")] = None,
@@ -124,6 +128,8 @@ def quantize(
         raise typer.BadParameter(f"use one of {', '.join(MODES)}", param_hint="--global-scale")
     if global_scale == "auto" and search == 0:
         global_scale = "off"
+    if scales not in ("search", "local"):
+        raise typer.BadParameter("use search or local", param_hint="--scales")
     if weighting not in WEIGHTINGS:
         raise typer.BadParameter(f"use one of {', '.join(WEIGHTINGS)}", param_hint="--weighting")
     opts = Options(
@@ -134,7 +140,8 @@ def quantize(
     )
     settings = Settings(
         search=search, weighting=weighting,
-        imatrix=imatrix, imatrix_strict=imatrix_strict,
+        imatrix=imatrix, imatrix_strict=imatrix_strict, calibration=calibration, damp=damp,
+        scales=scales, feedback=error_feedback,
         include_weights=tuple(include_weights or ()), exclude_weights=tuple(exclude_weights or ()),
         allow_requantize=allow_requantize, overwrite=overwrite, keep_split=keep_split,
         split_max_tensors=split_max_tensors, split_max_size=max_size,
@@ -162,6 +169,44 @@ def quantize(
         _fail(str(e), EXIT_FAILURE)
     except OSError as e:
         _fail(f"{e.filename or out}: {e.strerror or e}", EXIT_FAILURE)
+
+
+@app.command(cls=_OneLineErrors)
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="The f16/bf16/f32 GGUF to calibrate on (the model you will quantize).")],
+    text: Annotated[Path, typer.Option(help="UTF-8 calibration text (not the text you evaluate on).")],
+    out: Annotated[Path, typer.Option("-o", "--output", help="Calibration file to write (a GGUF, also a valid --imatrix).")],
+    chunks: Annotated[Optional[int], typer.Option(min=1, help="Use the first N chunks (default: all).")] = None,
+    ctx: Annotated[int, typer.Option(min=16, help="Tokens per chunk.")] = 512,
+    band: Annotated[int, typer.Option(min=64, help="Inputs wider than this keep band x band diagonal blocks of their covariance.")] = 4096,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads (default: all cores).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="The summary as one JSON document on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
+) -> None:
+    """Run MODEL in stock llama.cpp over TEXT and collect every weight input's covariance X^T X."""
+    from nvfp4q import calibrate as cal, eval_view
+
+    try:
+        with eval_view.progress(sys.stderr.isatty(), quiet) as on_chunk:
+            summary = cal.calibrate(model, text, out, chunks, ctx, band, threads or os.cpu_count() or 1,
+                                    overwrite, on_chunk)
+    except UserError as e:
+        _fail(str(e), EXIT_FAILURE)
+    except OSError as e:
+        _fail(f"{e.filename or out}: {e.strerror or e}", EXIT_FAILURE)
+    doc = cal.document(summary)
+    if json_out:
+        import json
+
+        print(json.dumps(doc, indent=2, allow_nan=False))
+    else:
+        from nvfp4q.units import human_bytes
+
+        print(f"{doc['output']}: {doc['inputs']} inputs' covariances for {doc['weights']} weights, "
+              f"{doc['chunks']} chunks ({doc['tokens']} tokens) in {doc['seconds']:.1f} s, "
+              f"{human_bytes(doc['moment_bytes'])} of moments"
+              + (f", {len(doc['banded_inputs'])} banded" if doc["banded_inputs"] else ""))
 
 
 @app.command(cls=_OneLineErrors)

@@ -41,26 +41,29 @@ def render(doc: dict) -> None:
 
 
 @contextmanager
-def progress(enabled: bool):
-    """Yields on_chunk(done, total, tokens): a bar on a TTY, else a plain line per chunk."""
+def progress(enabled: bool, quiet: bool = False):
+    """Yields on_chunk(done, total, tokens, note=""): a bar on a TTY, else a plain line per chunk."""
     started = time.perf_counter()
+    if quiet:
+        yield lambda done, total, tokens, note="": None
+        return
     if enabled:
         bar = Progress(TextColumn("{task.completed:.0f}/{task.total:.0f} chunks"), BarColumn(),
                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                       console=Console(stderr=True), transient=True)
+                       TextColumn("{task.fields[note]}"), console=Console(stderr=True), transient=True)
         with bar:
-            task = bar.add_task("eval", total=None, rate="")
+            task = bar.add_task("chunks", total=None, rate="", note="")
 
-            def on_chunk(done, total, tokens):
-                bar.update(task, completed=done, total=total,
+            def on_chunk(done, total, tokens, note=""):
+                bar.update(task, completed=done, total=total, note=note,
                            rate=f"{tokens / (time.perf_counter() - started):.0f} tokens/s")
 
             yield on_chunk
         return
 
-    def on_chunk(done, total, tokens):
+    def on_chunk(done, total, tokens, note=""):
         elapsed = time.perf_counter() - started
         print(f"nvfp4q: chunk {done}/{total}, {tokens / elapsed:.0f} tokens/s, "
-              f"ETA {elapsed * (total - done) / done:.0f} s", file=sys.stderr, flush=True)
+              f"ETA {elapsed * (total - done) / done:.0f} s{', ' + note if note else ''}", file=sys.stderr, flush=True)
 
     yield on_chunk

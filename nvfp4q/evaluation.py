@@ -8,6 +8,7 @@ so no model's logits are ever stored beyond the chunk at hand. llama.cpp compute
 for the scored positions.
 """
 
+import ctypes
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,18 +24,32 @@ SCHEMA = "nvfp4q.eval/1"
 EXTRA_HINT = "nvfp4q eval needs llama-cpp-python 0.3.36 (stock llama.cpp): pip install 'nvfp4q[eval]'"
 
 
+_silent_log = None  # the log callback installed, kept alive here
+
+
 def _llama_cpp():
+    global _silent_log
     try:
         import llama_cpp
     except ImportError:
         raise UserError(EXTRA_HINT) from None
+    if _silent_log is None:
+        # llama.cpp's own log lines (warnings such as a context longer than the training one;
+        # the binding's level table predates ggml's) would break the one-line error rule: what
+        # goes wrong is reported by us
+        _silent_log = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p(0))
     return llama_cpp
 
 
 class Runner:
-    """One GGUF loaded in stock llama.cpp, one context of ctx tokens."""
+    """One GGUF loaded in stock llama.cpp, one context of ctx tokens.
 
-    def __init__(self, path: Path, ctx: int, threads: int):
+    With cb_eval (a ggml_backend_sched_eval_callback) the context is one of our own that calls
+    it for every graph node, as llama-imatrix's does.
+    """
+
+    def __init__(self, path: Path, ctx: int, threads: int, cb_eval=None):
         self.lib = _llama_cpp()
         try:
             self.llm = self.lib.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
@@ -45,13 +60,22 @@ class Runner:
         self.vocab = self.lib.llama_model_get_vocab(self.llm.model)
         self.n_vocab = self.llm.n_vocab()
         self.batch = self.lib.llama_batch_init(ctx, 0, 1)
+        self.ctx, self._own_ctx = self.llm.ctx, None
+        if cb_eval is not None:
+            params = self.llm.context_params
+            params.cb_eval, params.cb_eval_user_data = cb_eval, None
+            self.ctx = self._own_ctx = self.lib.llama_init_from_model(self.llm.model, params)
+            if not self.ctx:
+                raise UserError(f"{path}: llama.cpp cannot make a context for it")
 
     def close(self) -> None:
+        if self._own_ctx:
+            self.lib.llama_free(self._own_ctx)
         self.lib.llama_batch_free(self.batch)
         self.llm.close()
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
+    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=False)
 
     def chunk(self, tokens: list[int]) -> list[int]:
         """The chunk as llama-perplexity evaluates it: BOS first where the model wants one."""
@@ -61,19 +85,24 @@ class Runner:
 
     def logits(self, tokens: list[int], first: int) -> np.ndarray:
         """float32 [len(tokens) - 1 - first, n_vocab]: the logits predicting tokens[first + 1:]."""
-        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.llm.ctx), True)
+        self.decode(tokens, first)
+        rows = len(tokens) - 1 - first
+        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(rows * self.n_vocab,)) \
+            .reshape(rows, self.n_vocab)
+
+    def decode(self, tokens: list[int], first: int, stop: int | None = None) -> None:
+        """Run the chunk from an empty context, logits for positions [first, stop) (len - 1)."""
+        stop = len(tokens) - 1 if stop is None else stop
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         b = self.batch
         b.n_tokens = len(tokens)
         for i, tok in enumerate(tokens):
             b.token[i], b.pos[i], b.n_seq_id[i] = tok, i, 1
             b.seq_id[i][0] = 0
-            b.logits[i] = first <= i < len(tokens) - 1
-        rc = self.lib.llama_decode(self.llm.ctx, b)
+            b.logits[i] = first <= i < stop
+        rc = self.lib.llama_decode(self.ctx, b)
         if rc != 0:
             raise UserError(f"{self.path}: llama_decode failed ({rc})")
-        rows = len(tokens) - 1 - first
-        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.llm.ctx), shape=(rows * self.n_vocab,)) \
-            .reshape(rows, self.n_vocab)
 
 
 @dataclass

@@ -80,7 +80,7 @@ class Model:
         return sum(p.stat().st_size for p in self.paths)
 
 
-def _map(path: Path) -> mmap.mmap:
+def map_file(path: Path) -> mmap.mmap:
     try:
         with open(path, "rb") as f:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -92,7 +92,7 @@ def open_model(path: Path) -> Model:
     headers = gguf_header.read_parts(path)
     tensors = []
     for h in headers:
-        mapping = _map(h.path) if h.tensors else None
+        mapping = map_file(h.path) if h.tensors else None
         data = np.frombuffer(mapping, dtype=np.uint8) if mapping is not None else None
         for t in h.tensors:
             if t.type is None or t.nbytes is None:

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType, GGUFValueType as V
 from nvfp4q import gguf_header
 from nvfp4q.errors import UserError
 
-_SUM2, _COUNTS = ".in_sum2", ".counts"
+SUM2, COUNTS = ".in_sum2", ".counts"
 
 
 @dataclass
@@ -97,13 +97,13 @@ def _load_gguf(path: Path) -> Imatrix:
     entries = {}
     with open(path, "rb") as f:
         for name, t in tensors.items():
-            if not name.endswith(_COUNTS):
+            if not name.endswith(COUNTS):
                 continue
-            base = name[: -len(_COUNTS)]
-            sums = tensors.get(base + _SUM2)
+            base = name[: -len(COUNTS)]
+            sums = tensors.get(base + SUM2)
             if sums is None:
-                raise UserError(f"{path}: {name} has no matching {base}{_SUM2}")
-            s, c = _f32(f, h, sums), _f32(f, h, t).reshape(-1)
+                raise UserError(f"{path}: {name} has no matching {base}{SUM2}")
+            s, c = read_f32(f, h, sums), read_f32(f, h, t).reshape(-1)
             if c.shape[0] != s.shape[0]:
                 raise UserError(f"{path}: {base}: {c.shape[0]} counts for {s.shape[0]} matrices")
             seen = c > 0
@@ -111,7 +111,7 @@ def _load_gguf(path: Path) -> Imatrix:
                 values = np.where(seen[:, None], s / np.where(seen, c, 1)[:, None], np.float32(1))
             entries[base] = Entry(values.astype(np.float32), seen)
     for name in tensors:
-        if name.endswith(_SUM2) and name[: -len(_SUM2)] not in entries:
+        if name.endswith(SUM2) and name[: -len(SUM2)] not in entries:
             raise UserError(f"{path}: {name} has no matching counts")
     return Imatrix(path, "gguf", entries, list(datasets.head), chunk_count, chunk_size)
 
@@ -122,7 +122,7 @@ def _key(h: gguf_header.Header, name: str):
     return h.fields[name].value
 
 
-def _f32(f, h: gguf_header.Header, t: gguf_header.Tensor) -> np.ndarray:
+def read_f32(f, h: gguf_header.Header, t: gguf_header.Tensor) -> np.ndarray:
     """A tensor's values as float32 [rows, ne0]; llama.cpp reads imatrix tensors as F32 only."""
     if t.type != GGMLQuantizationType.F32 or t.nbytes is None:
         raise UserError(f"{h.path}: {t.name} is not F32 values (type {t.type_name}, shape {list(t.shape)})")

@@ -151,6 +151,20 @@ def json_value(v):
     return v
 
 
+def _calibration(path: Path, header: gguf_header.Header | None):
+    from nvfp4q import calibration
+
+    if header is None or calibration.KEY_WEIGHTS not in header.fields:
+        return None
+    return calibration.load(path)
+
+
+def _moments_entry(cal, name: str) -> dict:
+    src = cal.sources[name]
+    m = cal.moments[src]
+    return {"covariance_of": src, "width": m.width, "band": m.band, "offband_share": m.offband}
+
+
 def _imatrix_doc(path: Path, header: gguf_header.Header | None, pattern, meta: bool, decodes: bool) -> dict:
     """An imatrix file (header None: not GGUF, so legacy .dat) read as quantize would read it."""
     from nvfp4q import imatrix
@@ -174,10 +188,18 @@ def _imatrix_doc(path: Path, header: gguf_header.Header | None, pattern, meta: b
         "chunk_size": imat.chunk_size if imat.format == "gguf" else None,
         "datasets": list(imat.datasets),
     }
+    cal = _calibration(path, header)
+    if cal is not None:
+        doc["calibration"] = {
+            "band": cal.band, "weights": len(cal.sources), "inputs": len(cal.moments),
+            "tokens": max((m.count for m in cal.moments.values()), default=0),
+            "banded_inputs": [n for n, m in cal.moments.items() if not m.whole],
+        }
     if pattern is not None:
         doc["entries"] = [
             {"name": name, "length": int(e.values.size), "matrices": int(e.values.shape[0]),
-             "unseen": int((~e.seen).sum()), "min": float(e.values.min()), "max": float(e.values.max())}
+             "unseen": int((~e.seen).sum()), "min": float(e.values.min()), "max": float(e.values.max()),
+             **({} if cal is None or name not in cal.sources else _moments_entry(cal, name))}
             for name, e in imat.entries.items() if pattern.search(name)
         ]
     if meta:

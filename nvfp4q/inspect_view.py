@@ -123,6 +123,14 @@ def _imatrix(console: Console, doc: dict) -> None:
         ("chunk size", _num(doc["chunk_size"], "{}")),
         ("datasets", ", ".join(doc["datasets"]) or "-"),
     ])
+    if "calibration" in doc:
+        c = doc["calibration"]
+        _facts(console, [
+            ("calibration", f"input covariances of {c['inputs']} inputs, for {c['weights']} weights"),
+            ("tokens", c["tokens"]),
+            ("band", c["band"]),
+            ("banded", ", ".join(c["banded_inputs"]) or "none: every covariance whole"),
+        ])
     if "entries" in doc:
         _table(console, "entries", "name length matrices unseen min max", (
             (e["name"], e["length"], e["matrices"], e["unseen"], f"{e['min']:.4g}", f"{e['max']:.4g}")

@@ -205,28 +205,40 @@ def _search(x, a, w, amax, jmax, base, search, scratch):
     return _best(err, codes, m, bound, base)
 
 
+@njit(cache=True, inline="always")
+def search_scratch():
+    """The work space _code needs, allocated once per row (or tile of rows)."""
+    return np.empty(NVFP4_SUB, np.float32), np.empty((3, _lanes(MAX_CODE + 2)), np.float32)
+
+
+@njit(cache=True, inline="always")
+def _code(x, w, search, a, scratch):
+    """A sub-block's scale code and largest |x| (a receives |x|): ggml's amax / 6 encoded, then
+    the best of the search window around it."""
+    amax = np.float32(0.0)
+    jmax = 0
+    for j in range(NVFP4_SUB):
+        a[j] = abs(x[j])
+        if amax < a[j]:
+            amax = a[j]
+            jmax = j
+    base = scale_encode(amax / np.float32(6.0))
+    if search > 0 and amax > np.float32(0.0):
+        return _search(x, a, w, amax, jmax, base, search, scratch), amax
+    return base, amax
+
+
 @njit(cache=True)
 def _encode_row(x, w, search, out):
     """One row of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes)."""
     nblocks = x.shape[0] // NVFP4_BLOCK
-    a = np.empty(NVFP4_SUB, np.float32)
+    a, scratch = search_scratch()
     nib = np.empty(NVFP4_SUB, np.uint8)
-    scratch = np.empty((3, _lanes(MAX_CODE + 2)), np.float32)
     for b in range(nblocks):
         ob = b * NVFP4_BYTES
         for s in range(4):
             off = b * NVFP4_BLOCK + s * NVFP4_SUB
-            amax = np.float32(0.0)
-            jmax = 0
-            for j in range(NVFP4_SUB):
-                a[j] = abs(x[off + j])
-                if amax < a[j]:
-                    amax = a[j]
-                    jmax = j
-            base = scale_encode(amax / np.float32(6.0))
-            code = base
-            if search > 0 and amax > np.float32(0.0):
-                code = _search(x[off:off + NVFP4_SUB], a, w[off:off + NVFP4_SUB], amax, jmax, base, search, scratch)
+            code, amax = _code(x[off:off + NVFP4_SUB], w[off:off + NVFP4_SUB], search, a, scratch)
             d = SCALES[code]
             out[ob + s] = code
             if amax > d * EXACT_RATIO:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from nvfp4q import global_scale, gguf_io, imatrix, kernels
+from nvfp4q import calibration, global_scale, gguf_io, imatrix, kernels, rounding
 from nvfp4q.errors import UserError
 from nvfp4q.plan import Options, Step, file_type_of, make_plan
 
@@ -20,6 +20,7 @@ from nvfp4q.plan import Options, Step, file_type_of, make_plan
 # or ggml's k-quant weight, importance * sqrt(sigma2 + x^2).
 WEIGHTINGS = ("importance", "floor", "ggml")
 FLOOR = 0.1
+ROUNDING_CACHE = 4  # inputs whose rounding factors are kept: the distinct inputs of one layer
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
 QUANTIZATION_VERSION = 2
 # Below what |w| an output type stays finite: F16 rounds 65520 and up to inf, a Q8_0 block stores
@@ -34,6 +35,10 @@ class Settings:
     weighting: str = "importance"  # one of WEIGHTINGS
     imatrix: Path | None = None
     imatrix_strict: bool = False
+    calibration: Path | None = None
+    damp: float = rounding.DAMP
+    scales: str = "search"  # or "local": on the sub-block's 16 x 16 block of the calibrated covariance
+    feedback: bool = True  # with a calibration: error feedback through its covariance
     include_weights: tuple[str, ...] = ()
     exclude_weights: tuple[str, ...] = ()
     allow_requantize: bool = False
@@ -53,6 +58,8 @@ class Job:
     importance: dict[str, imatrix.Entry]
     missing_importance: list[str]  # NVFP4 tensors the imatrix has no entry for
     excluded_importance: list[str] = field(default_factory=list)  # with an entry, left out by --include/--exclude-weights
+    calib: calibration.Calibration | None = None
+    rounding_of: dict[str, tuple] = field(default_factory=dict)  # (U, local blocks) of the latest inputs
     factors: dict[str, np.float32] = field(default_factory=dict)  # of rescaled tensors (W * factor), set by run
 
     @property
@@ -90,6 +97,8 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
     """Open and check everything before a byte is written: a bad input fails early and clean."""
     if s.include_weights and s.exclude_weights:
         raise UserError("--include-weights and --exclude-weights cannot be used together")
+    if s.calibration is None and (s.scales != "search" or not s.feedback):
+        raise UserError("--scales local and --no-error-feedback need --calibration")
     model = gguf_io.open_model(src)
     try:
         plan = make_plan([t.info for t in model.tensors], model.arch, opts)
@@ -99,14 +108,20 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
         if step.converts:
             gguf_io.check_convertible(t, s.allow_requantize)
     imat = imatrix.load(s.imatrix) if s.imatrix else None
+    calib = calibration.load(s.calibration) if s.calibration else None
     importance, missing, excluded = {}, [], []
     for step in plan:
         if step.type != T.NVFP4:
             continue
         name = step.tensor.name
-        entry = imatrix.for_tensor(imat, name, step.tensor.shape) if imat else None
+        m = calib.for_weight(name) if calib is not None else None
+        if m is not None and m.width != step.tensor.shape[0]:
+            raise UserError(f"{calib.path}: {name} is {m.width} wide, the tensor has {step.tensor.shape[0]} columns")
+        # the calibration's diagonal is the same statistic as an imatrix's: it wins where it has one
+        entry = next((imatrix.for_tensor(i, name, step.tensor.shape) for i in (calib and calib.imatrix, imat)
+                      if i and name in i.entries), None)
         if entry is None:
-            if imat is not None:
+            if imat is not None or calib is not None:
                 missing.append(name)
         elif _wants_importance(name, s):
             importance[name] = entry
@@ -114,7 +129,7 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
             excluded.append(name)
     if missing and s.imatrix_strict:
         raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
-    return Job(model, plan, imat, importance, missing, excluded)
+    return Job(model, plan, imat, importance, missing, excluded, calib)
 
 
 def _factors(model: gguf_io.Model, plan: list[Step], s: Settings) -> dict[str, np.float32]:
@@ -151,9 +166,12 @@ def check_paths(sources: list[Path], outs: list[Path], overwrite: bool) -> None:
             raise UserError(f"{out.parent}: no such directory")
 
 
-def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings) -> np.ndarray:
+def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings,
+            fed: tuple | None = None) -> np.ndarray:
     if step.type == T.NVFP4:
         mode = kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
+        if fed is not None:
+            return rounding.quantize_nvfp4(rows, fed[0], importance, s.search, mode, fed[1], s.feedback)
         return kernels.quantize_nvfp4(rows, importance, s.search, mode)
     if step.type == T.Q8_0:
         return kernels.quantize_q8_0(rows)
@@ -188,6 +206,23 @@ def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
         if s.weighting == "floor" else values
 
 
+def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
+    """(U, local H blocks or None) for a tensor with calibrated moments, made once per input
+    (q/k/v and gate/up share it); without error feedback U is the identity."""
+    if job.calib is None or step.type != T.NVFP4:
+        return None
+    src = job.calib.sources.get(step.tensor.name)
+    if src is None:
+        return None
+    if src not in job.rounding_of:
+        m = job.calib.moments[src]
+        u = rounding.factor(m, s.damp) if s.feedback else rounding.identity(m.width)
+        if len(job.rounding_of) >= ROUNDING_CACHE:  # tensors come sorted by name, a layer's inputs interleave
+            del job.rounding_of[next(iter(job.rounding_of))]
+        job.rounding_of[src] = (u, rounding.local_blocks(m) if s.scales == "local" else None)
+    return job.rounding_of[src]
+
+
 def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.ndarray | None]:
     """One tensor's output bytes, and its sidecar scales (one per expert) when it has one.
 
@@ -205,6 +240,7 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
     out = np.empty((t.rows, step.nbytes // t.rows), np.uint8)
     scales = np.ones(t.rows // per_expert, np.float32) if step.sidecar else None
     factor_g = np.float32(1.0) / job.factors.get(step.tensor.name, np.float32(1.0))
+    fed = _rounding(job, step, s)
     for expert, first in enumerate(range(0, t.rows, per_expert)):
         imp = _importance(entry.values[expert], s) if entry is not None and entry.seen[expert] else None
         slabs = _slabs(t, first, first + per_expert, slab, s)
@@ -219,7 +255,7 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
             if amax >= FINITE_BELOW.get(step.type, np.inf):  # these types have no sidecar or factor: g is 1
                 raise _too_large(step, rows, start)
             y = rows / g if g != 1 else rows
-            out[start:start + len(rows)] = _encode(step, y, imp, s).view(np.uint8).reshape(len(rows), -1)
+            out[start:start + len(rows)] = _encode(step, y, imp, s, fed).view(np.uint8).reshape(len(rows), -1)
         if step.sidecar:
             scales[expert] = g
     return out, scales
@@ -232,6 +268,13 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
     g.add_quantization_version(QUANTIZATION_VERSION)
     g.add_uint32("nvfp4q.search", s.search)
     g.add_string("nvfp4q.weighting", s.weighting)
+    if job.calib is not None:
+        g.add_string("nvfp4q.calibration.file", str(job.calib.path))
+        g.add_float32("nvfp4q.calibration.damp", s.damp)
+        g.add_string("nvfp4q.calibration.scales", s.scales)
+        g.add_bool("nvfp4q.calibration.feedback", s.feedback)
+        g.add_uint32("nvfp4q.calibration.tensors", sum(1 for st in job.plan if st.type == T.NVFP4
+                                                       and st.tensor.name in job.calib.sources))
     sidecars = [st for st in job.plan if st.sidecar]
     g.add_uint32("nvfp4q.sidecar_count", len(sidecars))
     if job.factors:  # for the record, and for inspect --against to undo

@@ -66,11 +66,8 @@ def weights(x: np.ndarray, importance: np.ndarray | None, ggml_style: bool) -> n
     return (imp[None, :] * np.sqrt(sigma2[:, None] + x * x)).astype(np.float32)
 
 
-def quantize_nvfp4(x, importance=None, search=0, ggml_style=False) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    rows, cols = x.shape
-    sub = x.reshape(-1, 16)
-    w = weights(x, importance, ggml_style).reshape(-1, 16)
+def codes(sub: np.ndarray, w: np.ndarray, search: int) -> np.ndarray:
+    """Each 16-element sub-block's scale code: every code of the window tried."""
     amax = np.abs(sub).max(axis=1)
     base = np.array([encode_scale(a / np.float32(6)) for a in amax], dtype=np.int64)
     code = base.copy()
@@ -82,6 +79,40 @@ def quantize_nvfp4(x, importance=None, search=0, ggml_style=False) -> np.ndarray
             better = ok & ((err < best) | ((err == best) & (c < code)))
             code = np.where(better, c, code)
             best = np.where(better, err, best)
+    return code
+
+
+def gptq_nvfp4(x, u, importance=None, search=0) -> np.ndarray:
+    """Error feedback the plain way: one column at a time, its error pushed at once onto every
+    later column of its band (docs/rounding.md); the sub-block's code from the weights as they
+    stand when its first column comes up."""
+    x = np.asarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    band = u.shape[1]
+    imp = weights(x, importance, False)
+    out = np.zeros((rows, cols // 64 * 36), np.uint8)
+    for r in range(rows):
+        w = x[r].copy()
+        for j in range(cols):
+            ib, s, k = j // 64 * 36, j % 64 // 16, j % 16
+            if k == 0:
+                code = int(codes(w[None, j:j + 16], imp[r, None, j:j + 16], search)[0])
+                out[r, ib + s] = code
+                d = SCALES[code]
+            nib = int(nearest(w[None, j:j + 1], np.array([d]))[0, 0])
+            out[r, ib + 4 + s * 8 + k % 8] |= nib << (4 * (k // 8))
+            b, jj = j // band, j % band
+            e = (w[j] - KV[nib] * d) * (np.float32(1) / u[b, jj, jj])
+            stop = min(cols, (b + 1) * band)
+            w[j + 1:stop] = w[j + 1:stop] - e * u[b, jj, jj + 1:stop - b * band]
+    return out
+
+
+def quantize_nvfp4(x, importance=None, search=0, ggml_style=False) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    sub = x.reshape(-1, 16)
+    code = codes(sub, weights(x, importance, ggml_style).reshape(-1, 16), search)
     nib = nearest(sub, SCALES[code]).astype(np.uint8)
     packed = nib[:, :8] | (nib[:, 8:] << 4)
     blocks = np.concatenate(

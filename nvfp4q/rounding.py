@@ -1,0 +1,209 @@
+"""NVFP4 rounding with error feedback (GPTQ/OBQ): the off-diagonal of E[x x^T] at work.
+
+What a row w passes on to the next layer is off by (q - w) x, whose mean square is
+(q - w) H (q - w)^T with H = E[x x^T]; the scale search alone sees only diag(H). Here the
+columns are quantized in their natural order and each one's rounding error, divided by U[j, j],
+is taken off the columns not yet quantized in proportion to U[j, :], U the upper Cholesky factor
+of H^-1: the update that keeps the rest optimal given what is fixed. A sub-block's scale code is
+chosen when its first column comes up, by the search of kernels.py on the weights as updated so
+far, weighted by diag(H) (the imatrix). A diagonal H gives a diagonal U, nothing moves, and the
+bytes are the search's. Where H is kept as diagonal blocks (calibration.py) the updates stay
+inside each block. Sidecars and rescaling scale whole tensors or inputs by one number, which
+scales H or W uniformly: U's ratios, and so the result, are unchanged.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from nvfp4q.calibration import Moments
+from nvfp4q.kernels import (KVALUES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _code, _nearest,
+                            _row_weights, scale_encode, search_scratch)
+
+DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: GPTQ's usual dampening
+TILE = 8  # rows updated together, so each row of U is read once per tile
+
+
+def factor(m: Moments, damp: float = DAMP) -> np.ndarray:
+    """float32 [n_blocks, band, band]: per diagonal block, the upper triangular U with
+    U^T U = (X^T X / count + damp * mean(diag) I)^-1, in float64 until the end.
+
+    For J the reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J): U is L^-1 reversed.
+    A column whose input was always zero (and the padding of the last block) gets its diagonal
+    set to 1: its row of H is zero, so it stays apart and moves nothing.
+    """
+    n_blocks, band = m.blocks.shape[0], m.blocks.shape[1]
+    diag = m.diagonal() / m.count
+    live = diag > 0
+    lam = damp * diag[live].mean() if live.any() else 1.0
+    u = np.empty(m.blocks.shape, np.float32)
+    for b in range(n_blocks):
+        h = m.blocks[b].astype(np.float64) / m.count
+        d = np.diagonal(h).copy()
+        cols = np.arange(b * band, (b + 1) * band)
+        d[(cols >= m.width) | (d <= 0)] = 1.0
+        np.fill_diagonal(h, d + lam)
+        u[b] = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[1][::-1, ::-1]
+    return u
+
+
+def _cholesky_inverse(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L, L^-1) of a symmetric positive definite h = L L^T, by halves, so that the work is
+    matrix products: LAPACK's own Cholesky gives other bits with another thread count, BLAS's
+    products do not (they never split the summed dimension)."""
+    n = h.shape[0]
+    if n <= 64:
+        return _small_cholesky_inverse(h)
+    k = n // 2
+    l11, i11 = _cholesky_inverse(h[:k, :k])
+    l21 = h[k:, :k] @ i11.T
+    l22, i22 = _cholesky_inverse(h[k:, k:] - l21 @ l21.T)
+    low, inv = np.zeros_like(h), np.zeros_like(h)
+    low[:k, :k], low[k:, :k], low[k:, k:] = l11, l21, l22
+    inv[:k, :k], inv[k:, k:] = i11, i22
+    inv[k:, :k] = -(i22 @ (l21 @ i11))
+    return low, inv
+
+
+@njit(cache=True)
+def _small_cholesky_inverse(h):
+    n = h.shape[0]
+    low = np.zeros((n, n))
+    for j in range(n):
+        s = h[j, j]
+        for k in range(j):
+            s -= low[j, k] * low[j, k]
+        if not s > 0:
+            raise ValueError("covariance is not positive definite")
+        low[j, j] = np.sqrt(s)
+        for i in range(j + 1, n):
+            s = h[i, j]
+            for k in range(j):
+                s -= low[i, k] * low[j, k]
+            low[i, j] = s / low[j, j]
+    inv = np.zeros((n, n))
+    for j in range(n):  # forward substitution, column by column of the identity
+        inv[j, j] = 1.0 / low[j, j]
+        for i in range(j + 1, n):
+            s = 0.0
+            for k in range(j, i):
+                s -= low[i, k] * inv[k, j]
+            inv[i, j] = s / low[i, i]
+    return low, inv
+
+
+def identity(width: int) -> np.ndarray:
+    """The U of a diagonal H in 64-wide bands: no error moves."""
+    return np.broadcast_to(np.eye(NVFP4_BLOCK, dtype=np.float32), (-(-width // NVFP4_BLOCK), NVFP4_BLOCK, NVFP4_BLOCK))
+
+
+def local_blocks(m: Moments) -> np.ndarray:
+    """float32 [width // 16, 16, 16]: the 16 x 16 diagonal blocks of H = X^T X / count, one per
+    sub-block, for choosing its scale on the error that reaches the output (e^T H_s e)."""
+    n = m.width // NVFP4_SUB
+    per = m.band // NVFP4_SUB
+    out = np.empty((n, NVFP4_SUB, NVFP4_SUB), np.float32)
+    for t in range(n):
+        b, o = divmod(t, per)
+        out[t] = m.blocks[b, o * NVFP4_SUB:(o + 1) * NVFP4_SUB, o * NVFP4_SUB:(o + 1) * NVFP4_SUB] / np.float32(m.count)
+    return out
+
+
+@njit(cache=True, inline="always")
+def _local_code(x, hl, search, e):
+    """The code of the search window (as kernels._search's) whose rounding error e, pushed
+    through the sub-block's own block of H, e^T H_s e, is lowest; ties to the lower code."""
+    amax = np.float32(0.0)
+    for j in range(NVFP4_SUB):
+        amax = max(amax, abs(x[j]))
+    base = scale_encode(amax / np.float32(6.0))
+    if search == 0 or not amax > np.float32(0.0):
+        return base
+    best, best_err = base, np.inf
+    for c in range(min(base, max(1, base - search)), min(MAX_CODE, base + search) + 1):
+        d = SCALES[c]
+        for j in range(NVFP4_SUB):
+            e[j] = KVALUES[_nearest(x[j], d)] * d - x[j]
+        err = 0.0
+        for j in range(NVFP4_SUB):
+            t = 0.0
+            for k in range(NVFP4_SUB):
+                t += hl[j, k] * e[k]
+            err += e[j] * t
+        if err < best_err or (err == best_err and c < best):
+            best, best_err = c, err
+    return best
+
+
+@njit(cache=True, parallel=True)
+def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
+    """Tiles of rows; inside a 64-column block every column's error moves the block's later
+    columns at once, the columns after the block take the block's 64 errors afterwards, in
+    column order: each weight sees the updates in the same order as one column at a time."""
+    rows, cols = x.shape
+    band = u.shape[1]
+    for t in prange((rows + TILE - 1) // TILE):
+        r0 = t * TILE
+        n = min(TILE, rows - r0)
+        w = x[r0:r0 + n].copy()
+        imp = np.empty((n, cols), np.float32)
+        for i in range(n):
+            _row_weights(x[r0 + i], importance, weighting, imp[i])
+        a, scratch = search_scratch()
+        d = np.empty(n, np.float32)
+        err = np.empty((n, NVFP4_BLOCK), np.float32)
+        e16 = np.empty(NVFP4_SUB, np.float64)
+        for j0 in range(0, cols, NVFP4_BLOCK):
+            ib = j0 // NVFP4_BLOCK * NVFP4_BYTES
+            b = j0 // band
+            first = b * band
+            stop = min(cols, first + band)
+            for jb in range(NVFP4_BLOCK):
+                j, s, k = j0 + jb, jb // NVFP4_SUB, jb % NVFP4_SUB
+                if k == 0:
+                    for i in range(n):
+                        if hloc.shape[0] > 0:
+                            code = _local_code(w[i, j:j + NVFP4_SUB], hloc[j // NVFP4_SUB], search, e16)
+                        else:
+                            code, _ = _code(w[i, j:j + NVFP4_SUB], imp[i, j:j + NVFP4_SUB], search, a, scratch)
+                        out[r0 + i, ib + s] = code
+                        d[i] = SCALES[code]
+                inv = np.float32(1.0) / u[b, j - first, j - first]
+                ur = u[b, j - first, j + 1 - first:j0 + NVFP4_BLOCK - first]
+                for i in range(n):
+                    v = w[i, j]
+                    nib = _nearest(v, d[i])
+                    byte = ib + 4 + s * 8 + (k & 7)
+                    out[r0 + i, byte] |= nib << (4 * (k >> 3))
+                    e = (v - KVALUES[nib] * d[i]) * inv
+                    err[i, jb] = e
+                    if feedback and e != np.float32(0.0):
+                        rest = w[i, j + 1:j0 + NVFP4_BLOCK]
+                        for c in range(rest.shape[0]):  # from 0: provably in bounds, so it vectorizes
+                            rest[c] -= e * ur[c]
+            if feedback and j0 + NVFP4_BLOCK < stop:
+                for jb in range(NVFP4_BLOCK):
+                    ur = u[b, j0 + jb - first, j0 + NVFP4_BLOCK - first:stop - first]
+                    for i in range(n):
+                        e = err[i, jb]
+                        if e != np.float32(0.0):
+                            rest = w[i, j0 + NVFP4_BLOCK:stop]
+                            for c in range(rest.shape[0]):
+                                rest[c] -= e * ur[c]
+
+
+def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feedback=True):
+    """float32 [rows, cols] -> NVFP4 blocks as kernels.quantize_nvfp4, rounded with error
+    feedback through u (factor()) unless not feedback, the scales chosen on hloc
+    (local_blocks()) when given, else by the search; the bytes do not depend on the thread
+    count (rows are independent, each in a fixed order)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    if cols % NVFP4_BLOCK:
+        raise ValueError(f"NVFP4 needs a multiple of {NVFP4_BLOCK} columns, got {cols}")
+    if u.shape[0] * u.shape[1] < cols:
+        raise ValueError(f"factor covers {u.shape[0] * u.shape[1]} columns, the rows have {cols}")
+    imp = np.empty(0, np.float32) if importance is None else np.ascontiguousarray(importance, np.float32)
+    out = np.zeros((rows, cols // NVFP4_BLOCK * NVFP4_BYTES), dtype=np.uint8)
+    hl = np.empty((0, NVFP4_SUB, NVFP4_SUB), np.float32) if hloc is None else np.ascontiguousarray(hloc, np.float32)
+    _encode_gptq(x, np.ascontiguousarray(u, np.float32), imp, search, weighting, hl, feedback, out)
+    return out

@@ -1,0 +1,174 @@
+"""nvfp4q calibrate, and quantize --calibration, end to end on a tiny model in stock llama.cpp."""
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from helpers import logits, rel_rmse, run_cli, tensors, tiny_model
+from nvfp4q import calibration, kernels
+
+CTX = 32
+TEXT = " ".join(f"the {w} of the {v} was {n} times the old one." for n, (w, v) in enumerate(
+    [("river", "valley"), ("story", "people"), ("light", "morning"), ("price", "market"), ("song", "night"),
+     ("door", "house"), ("voice", "crowd"), ("rule", "game")] * 6))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cal")
+    src = tiny_model(folder)
+    text = folder / "text.txt"
+    text.write_text(TEXT + "\n")
+    cal = folder / "tiny.cal.gguf"
+    proc = run_cli("calibrate", src, "--text", text, "-o", cal, "--ctx", CTX, "--json", check=True)
+    return src, text, cal, json.loads(proc.stdout)
+
+
+def layer0_input(src, text) -> np.ndarray:
+    """The first layer's attention input computed here from the file's weights, chunk by chunk as
+    llama-imatrix cuts the text: rmsnorm(embedding) * attn_norm."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(src), n_ctx=64, verbose=False)
+    try:
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
+        tokens = llm.tokenize(text.read_text().removesuffix("\n").encode(), add_bos=add_bos, special=False)
+        bos = llm.token_bos()
+    finally:
+        llm.close()
+    r = GGUFReader(src)
+    ts = {t.name: t for t in r.tensors}
+    emb = dequantize(ts["token_embd.weight"].data, ts["token_embd.weight"].tensor_type).astype(np.float64)
+    norm = np.asarray(ts["blk.0.attn_norm.weight"].data, np.float64)
+    eps = float(r.get_field("llama.attention.layer_norm_rms_epsilon").contents())
+    rows = []
+    for c in range(len(tokens) // CTX):
+        chunk = list(tokens[c * CTX:(c + 1) * CTX])
+        if add_bos:
+            chunk[0] = bos
+        x = emb[chunk]
+        rows.append(x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps) * norm)
+    return np.concatenate(rows)
+
+
+def test_covariance_equals_the_one_from_activations_computed_independently(calibrated):
+    src, text, cal_path, doc = calibrated
+    x = layer0_input(src, text)
+    cal = calibration.load(cal_path)
+    m = cal.for_weight("blk.0.attn_q.weight")
+    assert m.whole and m.count == x.shape[0] == doc["tokens"]
+    want = x.T @ x
+    assert np.allclose(m.blocks[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_file_is_an_imatrix_with_the_covariance_diagonal_and_shared_inputs(calibrated):
+    src, _, cal_path, doc = calibrated
+    cal = calibration.load(cal_path)
+    assert cal.sources["blk.0.attn_k.weight"] == cal.sources["blk.0.attn_v.weight"] == "blk.0.attn_q.weight"
+    assert cal.sources["blk.1.ffn_up.weight"] == "blk.1.ffn_gate.weight"
+    assert cal.sources["blk.1.ffn_down.weight"] == "blk.1.ffn_down.weight"
+    weights = [n for n in tensors(src) if n.startswith("blk.") and n.endswith(".weight") and "norm" not in n]
+    assert sorted(cal.sources) == sorted(weights) and doc["weights"] == len(weights)
+    assert doc["inputs"] == 4 * 2 and doc["banded_inputs"] == []
+    for name, entry in cal.imatrix.entries.items():
+        m = cal.for_weight(name)
+        assert np.allclose(entry.values[0], m.diagonal() / np.float32(m.count), rtol=1e-6)
+    assert cal.imatrix.chunk_count == doc["chunks"] and cal.imatrix.chunk_size == CTX
+    # nvfp4q reads it as an ordinary imatrix
+    proc = run_cli("quantize", src, cal_path.parent / "as-imatrix.gguf", "--imatrix", cal_path, "--dry-run", "--json",
+                   check=True)
+    assert json.loads(proc.stdout)["imatrix"]["without_data"] == []
+
+
+def test_band_keeps_diagonal_blocks_and_reports_what_it_drops(calibrated, tmp_path):
+    src, text, full_path, _ = calibrated
+    out = tmp_path / "banded.gguf"
+    doc = json.loads(run_cli("calibrate", src, "--text", text, "-o", out, "--ctx", CTX, "--band", 64, "--json",
+                             check=True).stdout)
+    assert doc["banded_inputs"]
+    full, banded = calibration.load(full_path), calibration.load(out)
+    for name in doc["banded_inputs"]:
+        f, b = full.for_weight(name), banded.for_weight(name)
+        assert b.band == 64 and not b.whole and 0 < b.offband < 1
+        for k in range(b.blocks.shape[0]):
+            n = min(64, f.width - 64 * k)
+            assert np.allclose(b.blocks[k, :n, :n], f.blocks[0, 64 * k:64 * k + n, 64 * k:64 * k + n],
+                               rtol=1e-5, atol=1e-5 * np.abs(f.blocks).max())
+
+
+def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error(calibrated, tmp_path):
+    src, _, cal_path, _ = calibrated
+    plain, fed = tmp_path / "plain.gguf", tmp_path / "fed.gguf"
+    run_cli("quantize", src, plain, "--imatrix", cal_path, "-q", check=True)
+    run_cli("quantize", src, fed, "--calibration", cal_path, "-q", check=True)
+    base = logits(src)
+    assert rel_rmse(logits(fed), base) < 0.2
+    cal = calibration.load(cal_path)
+    srcs, ps, fs = tensors(src), tensors(plain), tensors(fed)
+    lower = 0
+    for name in cal.sources:
+        if ps[name].tensor_type.name != "NVFP4":
+            continue
+        m = cal.for_weight(name)
+        h = m.blocks[0].astype(np.float64) / m.count
+        w = dequantize(srcs[name].data, srcs[name].tensor_type).astype(np.float64)
+        g = float(ps[name.removesuffix(".weight") + ".scale"].data[0]) if name.removesuffix(".weight") + ".scale" in ps else 1.0
+        errs = []
+        for t in (ps[name], fs[name]):
+            e = dequantize(t.data, t.tensor_type).astype(np.float64) * g - w
+            errs.append(np.einsum("ij,jk,ik->", e, h, e))
+        lower += errs[1] < errs[0]
+    assert lower == sum(ps[n].tensor_type.name == "NVFP4" for n in cal.sources) > 0
+    meta = GGUFReader(fed).get_field("nvfp4q.calibration.tensors")
+    assert meta is not None and meta.contents() > 0
+
+
+def test_same_bytes_whatever_the_thread_counts(calibrated, tmp_path):
+    src, _, cal_path, _ = calibrated
+    outs = []
+    for n in (1, 2):
+        outs.append(tmp_path / f"t{n}.gguf")
+        run_cli("quantize", src, outs[-1], "--calibration", cal_path, "--threads", n, "-q",
+                env={"OPENBLAS_NUM_THREADS": str(n)}, check=True)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode in (1, 2), proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nvfp4q: error:"), proc.stderr
+    return lines[0]
+
+
+def test_bad_calibration_inputs_fail_in_one_line(calibrated, tmp_path):
+    src, text, cal_path, _ = calibrated
+    other = tiny_model(tmp_path / "wide", embd=192)
+    assert "wide" in one_error_line(run_cli("quantize", other, tmp_path / "o.gguf", "--calibration", cal_path))
+    imat = tmp_path / "plain.imatrix.gguf"
+    data = cal_path.read_bytes()
+    from helpers import gguf_arrays, write_imatrix
+
+    write_imatrix(imat, gguf_arrays("blk.0.attn_q.weight", np.ones((1, 128), np.float32), np.ones((1, 1), np.float32)))
+    assert "calibration" in one_error_line(run_cli("quantize", src, tmp_path / "o.gguf", "--calibration", imat))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 1000])
+    one_error_line(run_cli("quantize", src, tmp_path / "o.gguf", "--calibration", cut))
+    assert not any(p.name.startswith(".o.gguf") or p.name == "o.gguf" for p in tmp_path.iterdir())
+
+
+def test_calibrate_refuses_bad_input_in_one_line(calibrated, tmp_path):
+    src, text, cal_path, _ = calibrated
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert "too short" in one_error_line(run_cli("calibrate", src, "--text", short, "-o", tmp_path / "c.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all" * 10)
+    one_error_line(run_cli("calibrate", bad, "--text", text, "-o", tmp_path / "c.gguf"))
+    assert "exists" in one_error_line(run_cli("calibrate", src, "--text", text, "-o", cal_path))
+    assert "input" in one_error_line(run_cli("calibrate", src, "--text", text, "-o", src, "--overwrite"))
+    one_error_line(run_cli("calibrate", src, "--text", text, "-o", tmp_path / "c.gguf", "--band", 32))
+    assert not (tmp_path / "c.gguf").exists()
+    assert not any(p.name.startswith(".c.gguf") for p in tmp_path.iterdir())

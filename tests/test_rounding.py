@@ -1,0 +1,97 @@
+"""Error-feedback rounding (nvfp4q/rounding.py) against its plain definition and its purpose."""
+
+import numpy as np
+import pytest
+
+import reference
+from nvfp4q import kernels, rounding
+from nvfp4q.calibration import Moments
+
+
+def correlated(rng, tokens: int, width: int, mix: float = 0.4) -> np.ndarray:
+    """Activations whose columns are correlated, with a few loud ones, as real inputs are."""
+    mixing = np.eye(width) + mix * rng.standard_normal((width, width)) / np.sqrt(width) * 4
+    x = rng.standard_normal((tokens, width)) @ mixing
+    x[:, rng.choice(width, 3, replace=False)] *= 8
+    return x.astype(np.float32)
+
+
+def moments(x: np.ndarray, band: int | None = None) -> Moments:
+    width = x.shape[1]
+    band = band or width
+    blocks = np.zeros((-(-width // band), band, band), np.float32)
+    for b in range(blocks.shape[0]):
+        xb = x[:, b * band:(b + 1) * band]
+        blocks[b, :xb.shape[1], :xb.shape[1]] = xb.T @ xb
+    return Moments(width, float(x.shape[0]), blocks)
+
+
+def weighted_error(w, blocks, h) -> float:
+    e = kernels.dequantize_nvfp4(blocks).astype(np.float64) - w
+    return float(np.einsum("ij,jk,ik->", e, h, e))
+
+
+def test_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    rng = np.random.default_rng(0)
+    for width, band in ((192, None), (300, 128)):
+        x = correlated(rng, 2000, width)
+        m = moments(x, band)
+        u = rounding.factor(m, damp=0.05).astype(np.float64)
+        for b in range(u.shape[0]):
+            n = min(m.band, width - b * m.band)
+            h = m.blocks[b, :n, :n].astype(np.float64) / m.count
+            h += 0.05 * np.mean(m.diagonal() / m.count) * np.eye(n)
+            ub = u[b, :n, :n]
+            assert np.allclose(ub, np.triu(ub))
+            assert np.allclose(ub.T @ ub, np.linalg.inv(h), rtol=1e-4, atol=1e-6 * np.abs(np.linalg.inv(h)).max())
+
+
+@pytest.mark.parametrize("band", [None, 64])
+@pytest.mark.parametrize("search", [0, 12])
+def test_kernel_equals_the_plain_definition(band, search):
+    rng = np.random.default_rng(search + (band or 0))
+    x = correlated(rng, 500, 128)
+    w = (rng.standard_normal((6, 128)) * 0.05).astype(np.float32)
+    m = moments(x, band)
+    u = rounding.factor(m)
+    imp = m.diagonal() / np.float32(m.count)
+    got = rounding.quantize_nvfp4(w, u, imp, search)
+    assert np.array_equal(got, reference.gptq_nvfp4(w, u, imp, search))
+
+
+def test_diagonal_covariance_gives_the_search_bytes():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((40, 256)) * 0.02).astype(np.float32)
+    d = (rng.random(256) + 0.05).astype(np.float32)
+    m = Moments(256, 10.0, np.diag(d * 10).astype(np.float32)[None])
+    u = rounding.factor(m)
+    for search in (0, 12):
+        assert np.array_equal(rounding.quantize_nvfp4(w, u, d, search), kernels.quantize_nvfp4(w, d, search))
+
+
+def test_error_through_the_covariance_is_lower_than_the_search_on_every_case():
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        width = int(rng.choice([128, 256]))
+        x = correlated(rng, 3000, width, mix=float(rng.uniform(0.2, 0.8)))
+        m = moments(x)
+        h = m.blocks[0].astype(np.float64) / m.count
+        w = (rng.standard_normal((32, width)) * rng.uniform(0.005, 0.1)).astype(np.float32)
+        imp = m.diagonal() / np.float32(m.count)
+        nearest = weighted_error(w, kernels.quantize_nvfp4(w), h)
+        searched = weighted_error(w, kernels.quantize_nvfp4(w, imp, 12), h)
+        fed_back = weighted_error(w, rounding.quantize_nvfp4(w, rounding.factor(m), imp, 12), h)
+        assert fed_back < searched and fed_back < nearest, (seed, nearest, searched, fed_back)
+
+
+def test_dead_inputs_and_a_zero_count_block_do_not_break_the_factor():
+    rng = np.random.default_rng(5)
+    x = correlated(rng, 1000, 128)
+    x[:, 10] = 0  # an input that never fires
+    m = moments(x)
+    u = rounding.factor(m)
+    assert np.all(np.isfinite(u))
+    assert np.all(u[0, 10, 11:] == 0)  # its error moves nothing
+    zero = Moments(128, 1.0, np.zeros((1, 128, 128), np.float32))
+    w = (rng.standard_normal((4, 128)) * 0.05).astype(np.float32)
+    assert np.array_equal(rounding.quantize_nvfp4(w, rounding.factor(zero)), kernels.quantize_nvfp4(w))
