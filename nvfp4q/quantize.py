@@ -216,7 +216,10 @@ def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
         return None
     if src not in job.rounding_of:
         m = job.calib.moments[src]
-        u = rounding.factor(m, s.damp) if s.feedback else rounding.identity(m.width)
+        try:
+            u = rounding.factor(m, s.damp) if s.feedback else rounding.identity(m.width)
+        except ValueError as e:
+            raise UserError(f"{job.calib.path}: {src}: {e}") from None
         if len(job.rounding_of) >= ROUNDING_CACHE:  # tensors come sorted by name, a layer's inputs interleave
             del job.rounding_of[next(iter(job.rounding_of))]
         job.rounding_of[src] = (u, rounding.local_blocks(m) if s.scales == "local" else None)

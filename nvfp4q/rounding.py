@@ -32,17 +32,23 @@ def factor(m: Moments, damp: float = DAMP) -> np.ndarray:
     set to 1: its row of H is zero, so it stays apart and moves nothing.
     """
     n_blocks, band = m.blocks.shape[0], m.blocks.shape[1]
-    diag = m.diagonal() / m.count
-    live = diag > 0
-    lam = damp * diag[live].mean() if live.any() else 1.0
     u = np.empty(m.blocks.shape, np.float32)
-    for b in range(n_blocks):
-        h = m.blocks[b].astype(np.float64) / m.count
-        d = np.diagonal(h).copy()
-        cols = np.arange(b * band, (b + 1) * band)
-        d[(cols >= m.width) | (d <= 0)] = 1.0
-        np.fill_diagonal(h, d + lam)
-        u[b] = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[1][::-1, ::-1]
+    with np.errstate(all="ignore"):  # a damaged file's overflow is refused below, not warned about
+        diag = m.diagonal() / m.count
+        live = diag > 0
+        lam = damp * diag[live].mean() if live.any() else 1.0
+        for b in range(n_blocks):
+            h = m.blocks[b].astype(np.float64) / m.count
+            d = np.diagonal(h).copy()
+            cols = np.arange(b * band, (b + 1) * band)
+            d[(cols >= m.width) | (d <= 0)] = 1.0
+            np.fill_diagonal(h, d + lam)
+            try:
+                u[b] = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[1][::-1, ::-1]
+            except ValueError:
+                u[b] = np.nan
+            if not np.all(np.isfinite(u[b])):
+                raise ValueError("the covariance is not positive definite")
     return u
 
 

@@ -109,9 +109,14 @@ def layouts(tmp_path_factory) -> dict:
     values = {name: rng.uniform(0.5, 4.0, IMATRIX_NE0).astype(np.float32) for name in IMATRIX_WEIGHTS}
     arrays = {k: v for n, x in values.items() for k, v in gguf_arrays(n, x * 7, [7]).items()}
     gguf = write_imatrix(folder / "imatrix.gguf", arrays)
+    text = folder / "calib.txt"
+    text.write_text(" ".join(f"word{i % 37} and word{i % 11}." for i in range(400)))
+    calib = folder / "calibration.gguf"
+    run_cli("calibrate", model, "--text", text, "-o", calib, "--ctx", "64", "--chunks", "4", "-q", check=True)
     return {
         "model.gguf": gguf_layout(model), "nvfp4.gguf": gguf_layout(quantized), "imatrix.gguf": gguf_layout(gguf),
         "imatrix.dat": dat_layout({n: (5, [float(v) for v in x * 5]) for n, x in values.items()}, (5, "calib.txt")),
+        "calibration.gguf": gguf_layout(calib),
         "source": model, "gemma3": gemma,
     }
 
@@ -194,6 +199,9 @@ TARGETS = (
     Target("imatrix-dat", "imatrix.dat", ("quantize", "{source}", "{out}", "--imatrix", "{file}", "--dry-run")),
     Target("inspect-imatrix-gguf", "imatrix.gguf", ("inspect", "{file}", "--json", "--tensors", ".", "--meta")),
     Target("inspect-imatrix-dat", "imatrix.dat", ("inspect", "{file}", "--tensors", ".")),
+    Target("calibration", "calibration.gguf", ("quantize", "{source}", "{out}", "--calibration", "{file}", "-q"),
+           writes=True),
+    Target("inspect-calibration", "calibration.gguf", ("inspect", "{file}", "--json", "--tensors", ".")),
 )
 
 
