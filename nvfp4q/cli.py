@@ -95,6 +95,7 @@ def quantize(
     imatrix_strict: Annotated[bool, typer.Option(help="Fail if an NVFP4 tensor has no imatrix entry.")] = False,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration file from `nvfp4q calibrate`: round NVFP4 with error feedback through the inputs' covariances (GPTQ-style); its diagonal is the imatrix where it has one.")] = None,
     damp: Annotated[float, typer.Option(min=1e-6, max=10.0, help="With --calibration: added to the covariance's diagonal, as a fraction of its mean.")] = 0.01,
+    shrink: Annotated[float, typer.Option(min=0.0, max=1.0, help="With --calibration: the covariance's off-diagonal is multiplied by 1 - SHRINK (1: no error feedback between columns).")] = 0.5,
     scales: Annotated[str, typer.Option(help="Sub-block scale choice: 'search' (least imatrix-weighted error in the window), 'local' (with --calibration: least error through the sub-block's 16x16 block of the input covariance).")] = "search",
     error_feedback: Annotated[bool, typer.Option(help="With --calibration: push each column's rounding error onto the columns not yet quantized.")] = True,
     allow_requantize: Annotated[bool, typer.Option(help="Accept already-quantized source tensors (quality suffers).")] = False,
@@ -140,7 +141,7 @@ def quantize(
     )
     settings = Settings(
         search=search, weighting=weighting,
-        imatrix=imatrix, imatrix_strict=imatrix_strict, calibration=calibration, damp=damp,
+        imatrix=imatrix, imatrix_strict=imatrix_strict, calibration=calibration, damp=damp, shrink=shrink,
         scales=scales, feedback=error_feedback,
         include_weights=tuple(include_weights or ()), exclude_weights=tuple(exclude_weights or ()),
         allow_requantize=allow_requantize, overwrite=overwrite, keep_split=keep_split,

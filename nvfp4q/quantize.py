@@ -37,6 +37,7 @@ class Settings:
     imatrix_strict: bool = False
     calibration: Path | None = None
     damp: float = rounding.DAMP
+    shrink: float = rounding.SHRINK
     scales: str = "search"  # or "local": on the sub-block's 16 x 16 block of the calibrated covariance
     feedback: bool = True  # with a calibration: error feedback through its covariance
     include_weights: tuple[str, ...] = ()
@@ -217,7 +218,7 @@ def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
     if src not in job.rounding_of:
         m = job.calib.moments[src]
         try:
-            u = rounding.factor(m, s.damp) if s.feedback else rounding.identity(m.width)
+            u = rounding.factor(m, s.damp, s.shrink) if s.feedback else rounding.identity(m.width)
         except ValueError as e:
             raise UserError(f"{job.calib.path}: {src}: {e}") from None
         if len(job.rounding_of) >= ROUNDING_CACHE:  # tensors come sorted by name, a layer's inputs interleave
@@ -274,6 +275,7 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
     if job.calib is not None:
         g.add_string("nvfp4q.calibration.file", str(job.calib.path))
         g.add_float32("nvfp4q.calibration.damp", s.damp)
+        g.add_float32("nvfp4q.calibration.shrink", s.shrink)
         g.add_string("nvfp4q.calibration.scales", s.scales)
         g.add_bool("nvfp4q.calibration.feedback", s.feedback)
         g.add_uint32("nvfp4q.calibration.tensors", sum(1 for st in job.plan if st.type == T.NVFP4

@@ -124,6 +124,10 @@ def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error
     assert lower == sum(ps[n].tensor_type.name == "NVFP4" for n in cal.sources) > 0
     meta = GGUFReader(fed).get_field("nvfp4q.calibration.tensors")
     assert meta is not None and meta.contents() > 0
+    doc = json.loads(run_cli("quantize", src, tmp_path / "dry.gguf", "--calibration", cal_path, "--shrink", 0.3,
+                             "--dry-run", "--json", check=True).stdout)
+    assert doc["options"]["calibration"] == {"path": str(cal_path), "shrink": 0.3, "damp": 0.01, "scales": "search",
+                                             "error_feedback": True}
 
 
 def test_same_bytes_whatever_the_thread_counts(calibrated, tmp_path):
@@ -172,3 +176,39 @@ def test_calibrate_refuses_bad_input_in_one_line(calibrated, tmp_path):
     one_error_line(run_cli("calibrate", src, "--text", text, "-o", tmp_path / "c.gguf", "--band", 32))
     assert not (tmp_path / "c.gguf").exists()
     assert not any(p.name.startswith(".c.gguf") for p in tmp_path.iterdir())
+
+
+def test_inspect_shows_a_calibration_file(calibrated):
+    _, _, cal_path, doc = calibrated
+    got = json.loads(run_cli("inspect", cal_path, "--json", "--tensors", "blk.0.attn", check=True).stdout)
+    assert got["kind"] == "imatrix" and got["calibration"] == {
+        "band": 4096, "weights": doc["weights"], "inputs": doc["inputs"], "tokens": doc["tokens"], "banded_inputs": []}
+    k = next(e for e in got["entries"] if e["name"] == "blk.0.attn_k.weight")
+    assert k["covariance_of"] == "blk.0.attn_q.weight" and k["width"] == 128 and k["offband_share"] == 0
+    table = run_cli("inspect", cal_path, check=True).stdout
+    assert "calibration" in table and "every covariance whole" in table
+
+
+def test_ctrl_c_stops_calibrate_and_leaves_nothing(calibrated, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    src, _, _, _ = calibrated
+    text = tmp_path / "long.txt"
+    text.write_text(TEXT * 40)
+    out = tmp_path / "c.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "nvfp4q", "calibrate", src, "--text", text, "-o", out,
+                             "--ctx", str(CTX)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()  # a progress line: it is collecting
+        assert first.startswith("nvfp4q: chunk 1/"), first
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert proc.stderr.read().strip().splitlines()[-1] == "nvfp4q: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.txt"]

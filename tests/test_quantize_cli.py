@@ -227,6 +227,7 @@ def test_json_run_document(src, tmp_path):
     opts = doc["options"]
     assert (opts["search"], opts["weighting"], opts["global_scale"], opts["threads"]) == (3, "importance", "auto", 1)
     assert opts["imatrix"] == str(imat) and opts["exclude_weights"] == ["blk.1."] and opts["include_weights"] == []
+    assert opts["calibration"] is None
     assert opts["tensor_types"] == [{"pattern": "attn_v", "type": "Q8_0"}]
     assert (opts["output_tensor_type"], opts["token_embedding_type"], opts["pure"]) == (None, None, False)
 

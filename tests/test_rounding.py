@@ -31,15 +31,17 @@ def weighted_error(w, blocks, h) -> float:
     return float(np.einsum("ij,jk,ik->", e, h, e))
 
 
-def test_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+@pytest.mark.parametrize("shrink", [0.0, 0.4])
+def test_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(shrink):
     rng = np.random.default_rng(0)
     for width, band in ((192, None), (300, 128)):
         x = correlated(rng, 2000, width)
         m = moments(x, band)
-        u = rounding.factor(m, damp=0.05).astype(np.float64)
+        u = rounding.factor(m, damp=0.05, shrink=shrink).astype(np.float64)
         for b in range(u.shape[0]):
             n = min(m.band, width - b * m.band)
             h = m.blocks[b, :n, :n].astype(np.float64) / m.count
+            h = (1 - shrink) * h + shrink * np.diag(np.diag(h))
             h += 0.05 * np.mean(m.diagonal() / m.count) * np.eye(n)
             ub = u[b, :n, :n]
             assert np.allclose(ub, np.triu(ub))
@@ -53,7 +55,7 @@ def test_kernel_equals_the_plain_definition(band, search):
     x = correlated(rng, 500, 128)
     w = (rng.standard_normal((6, 128)) * 0.05).astype(np.float32)
     m = moments(x, band)
-    u = rounding.factor(m)
+    u = rounding.factor(m, shrink=0.0)
     imp = m.diagonal() / np.float32(m.count)
     got = rounding.quantize_nvfp4(w, u, imp, search)
     assert np.array_equal(got, reference.gptq_nvfp4(w, u, imp, search))
@@ -64,9 +66,13 @@ def test_diagonal_covariance_gives_the_search_bytes():
     w = (rng.standard_normal((40, 256)) * 0.02).astype(np.float32)
     d = (rng.random(256) + 0.05).astype(np.float32)
     m = Moments(256, 10.0, np.diag(d * 10).astype(np.float32)[None])
-    u = rounding.factor(m)
+    full = moments(correlated(rng, 1000, 256))  # shrunk all the way, it is its diagonal
+    imp_full = full.diagonal() / np.float32(full.count)
     for search in (0, 12):
-        assert np.array_equal(rounding.quantize_nvfp4(w, u, d, search), kernels.quantize_nvfp4(w, d, search))
+        assert np.array_equal(rounding.quantize_nvfp4(w, rounding.factor(m), d, search),
+                              kernels.quantize_nvfp4(w, d, search))
+        assert np.array_equal(rounding.quantize_nvfp4(w, rounding.factor(full, shrink=1.0), imp_full, search),
+                              kernels.quantize_nvfp4(w, imp_full, search))
 
 
 def test_error_through_the_covariance_is_lower_than_the_search_on_every_case():
@@ -80,7 +86,7 @@ def test_error_through_the_covariance_is_lower_than_the_search_on_every_case():
         imp = m.diagonal() / np.float32(m.count)
         nearest = weighted_error(w, kernels.quantize_nvfp4(w), h)
         searched = weighted_error(w, kernels.quantize_nvfp4(w, imp, 12), h)
-        fed_back = weighted_error(w, rounding.quantize_nvfp4(w, rounding.factor(m), imp, 12), h)
+        fed_back = weighted_error(w, rounding.quantize_nvfp4(w, rounding.factor(m, shrink=0.0), imp, 12), h)
         assert fed_back < searched and fed_back < nearest, (seed, nearest, searched, fed_back)
 
 
