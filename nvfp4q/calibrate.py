@@ -9,8 +9,10 @@ distinct input: q/k/v and gate/up read the same tensor, so it is multiplied once
 
 import ctypes
 import os
+import signal
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +76,8 @@ class Collector:
         self.checked = False
 
     def __call__(self, ptr, ask, _user) -> bool:
+        if self.error is not None:
+            return False
         try:
             return self._ask(ptr) if ask else self._take(ptr)
         except BaseException as e:  # raised through ctypes it would be printed and lost
@@ -224,11 +228,13 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
         for c in range(n_chunks):
             chunk = runner.chunk(tokens[c * ctx:(c + 1) * ctx]) if add_bos else tokens[c * ctx:(c + 1) * ctx]
             try:
-                runner.decode(chunk, 0, len(chunk))  # every position, as llama-imatrix: no row is pruned
+                with _signals_held():
+                    runner.decode(chunk, 0, len(chunk))  # every position, as llama-imatrix: no row is pruned
             except UserError:
-                if collector.error is not None:
-                    raise collector.error from None
-                raise
+                if collector.error is None:
+                    raise
+            if collector.error is not None:  # raised in the callback (Ctrl-C too): the decode may have gone on
+                raise collector.error from None
             collector.flush()
             on_chunk(c + 1, n_chunks, (c + 1) * ctx, f"{human_bytes(_bytes(collector))} of moments")
         seconds = time.perf_counter() - started
@@ -243,6 +249,31 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
                              n_chunks, ctx, band)
     return Summary(path, n_chunks, n_chunks * ctx, seconds, _bytes(collector), len(collector.moments),
                    len(diag), [n for n, m in collector.moments.items() if not m.whole])
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT/SIGTERM held while llama.cpp runs, then handed to the handler they would have met.
+
+    A handler that raises (the CLI's Ctrl-C) would raise inside our eval callback, where ctypes
+    prints the exception and drops it, and the run would go on; held, it raises between chunks.
+    """
+    held = []
+    signums = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in signums}
+    for s in signums:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s in signums:
+            signal.signal(s, before[s])
+    if held:
+        handler = before[held[0]]
+        if callable(handler):
+            handler(held[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(held[0])
 
 
 def _bytes(c: Collector) -> int:

@@ -16,8 +16,8 @@ import numpy as np
 from numba import njit, prange
 
 from nvfp4q.calibration import Moments
-from nvfp4q.kernels import (KVALUES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _code, _nearest,
-                            _row_weights, scale_encode, search_scratch)
+from nvfp4q.kernels import (EXACT_RATIO, KVALUES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _code,
+                            _level, _nearest, _row_weights, scale_encode, search_scratch)
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: GPTQ's usual dampening
 # The off-diagonal of H is multiplied by 1 - SHRINK: correlations measured on the calibration text
@@ -182,11 +182,15 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
                 inv = np.float32(1.0) / u[b, j - first, j - first]
                 ur = u[b, j - first, j + 1 - first:j0 + NVFP4_BLOCK - first]
                 for i in range(n):
-                    v = w[i, j]
-                    nib = _nearest(v, d[i])
+                    v, di = w[i, j], d[i]
+                    if abs(v) > di * EXACT_RATIO:  # as kernels._encode_row: the scan only where midpoints tie
+                        nib = _nearest(v, di)
+                    else:
+                        m = _level(abs(v), di)
+                        nib = m + 8 * ((m > 0) & (v < np.float32(0.0)))
                     byte = ib + 4 + s * 8 + (k & 7)
                     out[r0 + i, byte] |= nib << (4 * (k >> 3))
-                    e = (v - KVALUES[nib] * d[i]) * inv
+                    e = (v - KVALUES[nib] * di) * inv
                     err[i, jb] = e
                     if feedback and e != np.float32(0.0):
                         rest = w[i, j + 1:j0 + NVFP4_BLOCK]
