@@ -50,7 +50,7 @@ def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray
             d[(cols >= m.width) | (d <= 0)] = 1.0
             np.fill_diagonal(h, d + lam)
             try:
-                u[b] = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[1][::-1, ::-1]
+                u[b] = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[::-1, ::-1]
             except ValueError:
                 u[b] = np.nan
             if not np.all(np.isfinite(u[b])):
@@ -58,22 +58,23 @@ def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray
     return u
 
 
-def _cholesky_inverse(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(L, L^-1) of a symmetric positive definite h = L L^T, by halves, so that the work is
-    matrix products: LAPACK's own Cholesky gives other bits with another thread count, BLAS's
-    products do not (they never split the summed dimension)."""
+def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
+    """L^-1 for a symmetric positive definite h = L L^T, by halves, so that the work is matrix
+    products: with [[A, B^T], [B, C]] = L L^T, L's lower-left block is B A_L^-T and its lower-right
+    block the factor of C - (B A_L^-T)(B A_L^-T)^T; L itself is never needed. LAPACK's own
+    Cholesky gives other bits with another thread count, BLAS's products do not (they never
+    split the summed dimension)."""
     n = h.shape[0]
     if n <= 64:
         return _small_cholesky_inverse(h)
     k = n // 2
-    l11, i11 = _cholesky_inverse(h[:k, :k])
+    i11 = _cholesky_inverse(h[:k, :k])
     l21 = h[k:, :k] @ i11.T
-    l22, i22 = _cholesky_inverse(h[k:, k:] - l21 @ l21.T)
-    low, inv = np.zeros_like(h), np.zeros_like(h)
-    low[:k, :k], low[k:, :k], low[k:, k:] = l11, l21, l22
-    inv[:k, :k], inv[k:, k:] = i11, i22
+    i22 = _cholesky_inverse(h[k:, k:] - l21 @ l21.T)
+    inv = np.empty_like(h)
+    inv[:k, :k], inv[:k, k:], inv[k:, k:] = i11, 0, i22
     inv[k:, :k] = -(i22 @ (l21 @ i11))
-    return low, inv
+    return inv
 
 
 @njit(cache=True)
@@ -100,7 +101,7 @@ def _small_cholesky_inverse(h):
             for k in range(j, i):
                 s -= low[i, k] * inv[k, j]
             inv[i, j] = s / low[i, i]
-    return low, inv
+    return inv
 
 
 def identity(width: int) -> np.ndarray:
