@@ -100,6 +100,13 @@ def _level(a, d):
 
 
 @njit(cache=True, inline="always")
+def _signed_level(a, x, d):
+    """Nibble of x (a = |x|) by midpoint tests: its magnitude's index, 8 more when negative and not 0."""
+    m = _level(a, d)
+    return m + 8 * ((m > 0) & (x < np.float32(0.0)))
+
+
+@njit(cache=True, inline="always")
 def _term(aj, wj, d):
     """w (a - q)^2 with q the value nearest a at scale d: the step heights of MAGS
     (1,1,1,1,2,2,4) summed over passed midpoints, branch-free so that LLVM vectorizes it,
@@ -246,8 +253,7 @@ def _encode_row(x, w, search, out):
                     nib[j] = _nearest(x[off + j], d)
             else:
                 for j in range(NVFP4_SUB):  # branch-free: vectorizes
-                    m = _level(a[j], d)
-                    nib[j] = m + 8 * ((m > 0) & (x[off + j] < np.float32(0.0)))
+                    nib[j] = _signed_level(a[j], x[off + j], d)
             for j in range(8):
                 out[ob + 4 + s * 8 + j] = nib[j] | (nib[j + 8] << 4)
 

@@ -17,13 +17,14 @@ from numba import njit, prange
 
 from nvfp4q.calibration import Moments
 from nvfp4q.kernels import (EXACT_RATIO, KVALUES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _code,
-                            _level, _nearest, _row_weights, scale_encode, search_scratch)
+                            _nearest, _row_weights, _signed_level, scale_encode, search_scratch)
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: GPTQ's usual dampening
 # The off-diagonal of H is multiplied by 1 - SHRINK: correlations measured on the calibration text
 # carry over to other text only in part (docs/calibration.md: unshrunk, ffn_down's rounding fitted
 # the calibration text and lost on code)
 SHRINK = 0.5
+NOT_DEFINITE = "the covariance is not positive definite"
 TILE = 8  # rows updated together, so each row of U is read once per tile
 
 
@@ -49,12 +50,9 @@ def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray
             cols = np.arange(b * band, (b + 1) * band)
             d[(cols >= m.width) | (d <= 0)] = 1.0
             np.fill_diagonal(h, d + lam)
-            try:
-                u[b] = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[::-1, ::-1]
-            except ValueError:
-                u[b] = np.nan
+            u[b] = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[::-1, ::-1]
             if not np.all(np.isfinite(u[b])):
-                raise ValueError("the covariance is not positive definite")
+                raise ValueError(NOT_DEFINITE)
     return u
 
 
@@ -86,7 +84,7 @@ def _small_cholesky_inverse(h):
         for k in range(j):
             s -= low[j, k] * low[j, k]
         if not s > 0:
-            raise ValueError("covariance is not positive definite")
+            raise ValueError(NOT_DEFINITE)
         low[j, j] = np.sqrt(s)
         for i in range(j + 1, n):
             s = h[i, j]
@@ -184,11 +182,8 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
                 ur = u[b, j - first, j + 1 - first:j0 + NVFP4_BLOCK - first]
                 for i in range(n):
                     v, di = w[i, j], d[i]
-                    if abs(v) > di * EXACT_RATIO:  # as kernels._encode_row: the scan only where midpoints tie
-                        nib = _nearest(v, di)
-                    else:
-                        m = _level(abs(v), di)
-                        nib = m + 8 * ((m > 0) & (v < np.float32(0.0)))
+                    # as kernels._encode_row: the scan only where midpoint tests could tie
+                    nib = _nearest(v, di) if abs(v) > di * EXACT_RATIO else _signed_level(abs(v), v, di)
                     byte = ib + 4 + s * 8 + (k & 7)
                     out[r0 + i, byte] |= nib << (4 * (k >> 3))
                     e = (v - KVALUES[nib] * di) * inv
