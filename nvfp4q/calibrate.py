@@ -26,7 +26,7 @@ from nvfp4q.units import human_bytes
 MIN_ROWS = 16  # llama-imatrix skips smaller batches (its `ask` test)
 DEFAULT_BAND = 4096
 SCHEMA = "nvfp4q.calibrate/1"
-F32, I32 = 0, 26  # ggml_type ids
+F32 = 0  # ggml_type id
 
 
 class _Tensor(ctypes.Structure):
@@ -212,21 +212,20 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
         text = Path(text_path).read_text(encoding="utf-8", errors="replace").removesuffix("\n")  # as llama-imatrix's -f
     except OSError as e:
         raise UserError(f"{text_path}: {e.strerror}") from None
-    evaluation._size(model)  # a missing, truncated or non-GGUF model gets our message, not llama.cpp's
-    lib = evaluation._llama_cpp()
+    evaluation.model_size(model)  # a missing, truncated or non-GGUF model gets our message, not llama.cpp's
+    lib = evaluation.llama_cpp_module()
     collector = Collector(_ggml(os.path.dirname(lib.__file__)), band)
     callback = lib.ggml_backend_sched_eval_callback(collector)
     runner = evaluation.Runner(model, ctx, threads, cb_eval=callback)
     try:
-        add_bos = bool(lib.llama_vocab_get_add_bos(runner.vocab))
-        tokens = runner.tokenize(text, add_bos=add_bos)
+        tokens = runner.tokenize(text, add_bos=runner.add_bos)
         available = len(tokens) // ctx
         n_chunks = available if chunks is None else min(chunks, available)
         if n_chunks < 1:
             raise UserError(f"{text_path}: {len(tokens)} tokens, too short for one chunk of {ctx}")
         started = time.perf_counter()
         for c in range(n_chunks):
-            chunk = runner.chunk(tokens[c * ctx:(c + 1) * ctx]) if add_bos else tokens[c * ctx:(c + 1) * ctx]
+            chunk = runner.chunk(tokens[c * ctx:(c + 1) * ctx])
             try:
                 with _signals_held():
                     runner.decode(chunk, 0, len(chunk))  # every position, as llama-imatrix: no row is pruned

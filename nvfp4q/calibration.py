@@ -133,14 +133,13 @@ def write(out: Path, moments: dict[str, Moments], sources: dict[str, str], diag:
         data = []
         for name, (sums, counts) in diag.items():
             data += [(name + imatrix.SUM2, sums), (name + imatrix.COUNTS, counts.reshape(-1, 1))]
-        for src in dict.fromkeys(sources.values()):
-            data.append((src + XTX, moments[src].blocks))
+        data += [(src + XTX, moments[src].blocks) for src in dict.fromkeys(sources.values())]
+        data = [(name, np.ascontiguousarray(arr, np.float32)) for name, arr in data]
         for name, arr in data:
-            arr = np.ascontiguousarray(arr, np.float32)
             w.add_tensor_info(name, tuple(reversed(arr.shape)), T.F32, arr.nbytes)
         w.begin_data()
         for _, arr in data:
-            w.write_tensor(np.ascontiguousarray(arr, np.float32))
+            w.write_tensor(arr)
         return w.commit()[0]
     except BaseException:
         w.abort()

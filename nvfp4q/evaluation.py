@@ -27,7 +27,7 @@ EXTRA_HINT = "nvfp4q eval needs llama-cpp-python 0.3.36 (stock llama.cpp): pip i
 _silent_log = None  # the log callback installed, kept alive here
 
 
-def _llama_cpp():
+def llama_cpp_module():
     global _silent_log
     try:
         import llama_cpp
@@ -50,7 +50,7 @@ class Runner:
     """
 
     def __init__(self, path: Path, ctx: int, threads: int, cb_eval=None):
-        self.lib = _llama_cpp()
+        self.lib = llama_cpp_module()
         try:
             self.llm = self.lib.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
                                       n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -58,6 +58,7 @@ class Runner:
             raise UserError(f"{path}: llama.cpp cannot load it ({e})") from None
         self.path = path
         self.vocab = self.lib.llama_model_get_vocab(self.llm.model)
+        self.add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
         self.n_vocab = self.llm.n_vocab()
         self.batch = self.lib.llama_batch_init(ctx, 0, 1)
         self.ctx, self._own_ctx = self.llm.ctx, None
@@ -79,7 +80,7 @@ class Runner:
 
     def chunk(self, tokens: list[int]) -> list[int]:
         """The chunk as llama-perplexity evaluates it: BOS first where the model wants one."""
-        if self.lib.llama_vocab_get_add_bos(self.vocab):
+        if self.add_bos:
             return [self.llm.token_bos(), *tokens[1:]]
         return list(tokens)
 
@@ -118,7 +119,7 @@ class Result:
     sizes: dict[Path, dict] = field(default_factory=dict)
 
 
-def _size(path: Path) -> dict:
+def model_size(path: Path) -> dict:
     """Read before any model is loaded: a missing, truncated or non-GGUF file gets our message."""
     headers = gguf_header.read_parts(path)
     nbytes = sum(h.file_size for h in headers)
@@ -142,7 +143,7 @@ def evaluate(base: Path, quants: list[Path], text_path: Path, ctx: int = 512, ch
         text = Path(text_path).read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise UserError(f"{text_path}: {e.strerror}") from None
-    sizes = {p: _size(p) for p in [base, *quants]}
+    sizes = {p: model_size(p) for p in [base, *quants]}
     runners = []
     try:
         runners.append(Runner(base, ctx, threads))
