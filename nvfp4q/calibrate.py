@@ -286,6 +286,13 @@ def document(s: Summary) -> dict:
             "inputs": s.sources, "weights": s.weights, "banded_inputs": s.banded}
 
 
+def render(doc: dict) -> None:
+    print(f"{doc['output']}: {doc['inputs']} inputs' covariances for {doc['weights']} weights, "
+          f"{doc['chunks']} chunks ({doc['tokens']} tokens) in {doc['seconds']:.1f} s, "
+          f"{human_bytes(doc['moment_bytes'])} of moments"
+          + (f", {len(doc['banded_inputs'])} banded" if doc["banded_inputs"] else ""))
+
+
 def _check_out(model: Path, out: Path, overwrite: bool) -> None:
     from nvfp4q.quantize import check_paths
 

@@ -38,6 +38,16 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _show(doc: dict, as_json: bool, render) -> None:
+    """A command's result on stdout: one JSON document for pipelines, else render's tables."""
+    if as_json:
+        import json
+
+        print(json.dumps(doc, indent=2, allow_nan=False))
+    else:
+        render(doc)
+
+
 def _one_line(text: str) -> str:
     """Text from a file (a damaged tensor name) may hold newlines or control bytes: escaped, a
     message stays one line."""
@@ -115,7 +125,7 @@ def quantize(
     from nvfp4q import report
     from nvfp4q.global_scale import MODES
     from nvfp4q.plan import FLOAT_SOURCES, Options, parse_tensor_type
-    from nvfp4q.quantize import WEIGHTINGS, Settings, prepare, run
+    from nvfp4q.quantize import SCALE_CHOICES, WEIGHTINGS, Settings, prepare, run
     from nvfp4q.units import parse_size
 
     try:
@@ -132,8 +142,8 @@ def quantize(
         raise typer.BadParameter(f"use one of {', '.join(MODES)}", param_hint="--global-scale")
     if global_scale == "auto" and search == 0:
         global_scale = "off"
-    if scales not in ("search", "local"):
-        raise typer.BadParameter("use search or local", param_hint="--scales")
+    if scales not in SCALE_CHOICES:
+        raise typer.BadParameter(f"use one of {', '.join(SCALE_CHOICES)}", param_hint="--scales")
     if weighting not in WEIGHTINGS:
         raise typer.BadParameter(f"use one of {', '.join(WEIGHTINGS)}", param_hint="--weighting")
     opts = Options(
@@ -157,7 +167,7 @@ def quantize(
     try:
         job = prepare(src, opts, settings)
         if dry_run:
-            report.show(report.document(job, opts, settings, src, out), json_out)
+            _show(report.document(job, opts, settings, src, out), json_out, report.render)
             return
         requantized = [st for st in job.plan if st.converts and st.tensor.type not in FLOAT_SOURCES]
         if requantized:
@@ -168,7 +178,7 @@ def quantize(
                 print(f"nvfp4q: no imatrix data for {_one_line(name)}", file=sys.stderr)
         with report.progress(job, quiet) as on_tensor:
             summary = run(job, out, settings, on_tensor)
-        report.show(report.document(job, opts, settings, src, out, summary), json_out)
+        _show(report.document(job, opts, settings, src, out, summary), json_out, report.render)
     except UserError as e:
         _fail(str(e), EXIT_FAILURE)
     except OSError as e:
@@ -199,18 +209,7 @@ def calibrate(
         _fail(str(e), EXIT_FAILURE)
     except OSError as e:
         _fail(f"{e.filename or out}: {e.strerror or e}", EXIT_FAILURE)
-    doc = cal.document(summary)
-    if json_out:
-        import json
-
-        print(json.dumps(doc, indent=2, allow_nan=False))
-    else:
-        from nvfp4q.units import human_bytes
-
-        print(f"{doc['output']}: {doc['inputs']} inputs' covariances for {doc['weights']} weights, "
-              f"{doc['chunks']} chunks ({doc['tokens']} tokens) in {doc['seconds']:.1f} s, "
-              f"{human_bytes(doc['moment_bytes'])} of moments"
-              + (f", {len(doc['banded_inputs'])} banded" if doc["banded_inputs"] else ""))
+    _show(cal.document(summary), json_out, cal.render)
 
 
 @app.command(cls=_OneLineErrors)
@@ -233,7 +232,7 @@ def inspect(
         _fail(str(e), EXIT_FAILURE)
     except UserError as e:
         _fail(str(e), EXIT_USAGE)
-    insp.render(doc, as_json=json_out)
+    _show(doc, json_out, insp.render)
     if doc.get("verify", {}).get("problems"):
         raise typer.Exit(EXIT_FAILURE)
 
@@ -258,13 +257,7 @@ def eval_(
                                          on_chunk)
     except UserError as e:
         _fail(str(e), EXIT_FAILURE)
-    doc = evaluation.document(result, paired)
-    if json_out:
-        import json
-
-        print(json.dumps(doc, indent=2, allow_nan=False))
-    else:
-        eval_view.render(doc)
+    _show(evaluation.document(result, paired), json_out, eval_view.render)
 
 
 def main() -> None:

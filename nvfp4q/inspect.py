@@ -41,12 +41,7 @@ def describe(path: Path, tensors_regex: str | None = None, meta: bool = False, v
     return doc
 
 
-def render(doc: dict, as_json: bool = False) -> None:
-    if as_json:
-        import json
-
-        print(json.dumps(doc, indent=2, allow_nan=False))
-        return
+def render(doc: dict) -> None:
     from nvfp4q import inspect_view
 
     inspect_view.render(doc)

@@ -19,6 +19,7 @@ from nvfp4q.plan import Options, Step, file_type_of, make_plan
 # hardly exercised count too (helped gemma3 slightly, hurt llama on code: docs/global-scale.md);
 # or ggml's k-quant weight, importance * sqrt(sigma2 + x^2).
 WEIGHTINGS = ("importance", "floor", "ggml")
+SCALE_CHOICES = ("search", "local")  # --scales: by the search, or on the sub-block's block of the covariance
 FLOOR = 0.1
 ROUNDING_CACHE = 4  # inputs whose rounding factors are kept: the distinct inputs of one layer
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
@@ -38,7 +39,7 @@ class Settings:
     calibration: Path | None = None
     damp: float = rounding.DAMP
     shrink: float = rounding.SHRINK
-    scales: str = "search"  # or "local": on the sub-block's 16 x 16 block of the calibrated covariance
+    scales: str = "search"  # one of SCALE_CHOICES
     feedback: bool = True  # with a calibration: error feedback through its covariance
     include_weights: tuple[str, ...] = ()
     exclude_weights: tuple[str, ...] = ()

@@ -1,7 +1,6 @@
 """What quantize tells the user: the plan or the run as one document (docs/quantize-json.md),
-shown as JSON or as text, and progress while it runs (a bar on a terminal, plain lines in logs)."""
+shown as text (the CLI prints the JSON), and progress while it runs (a bar on a terminal, plain lines in logs)."""
 
-import json
 import math
 import sys
 import time
@@ -112,11 +111,9 @@ def _tensor(job: Job, st: Step) -> dict:
     }
 
 
-def show(doc: dict, as_json: bool) -> None:
-    """The document on stdout: JSON, or the plan table / the summary."""
-    if as_json:
-        print(json.dumps(doc, indent=2, allow_nan=False))
-    elif doc["dry_run"]:
+def render(doc: dict) -> None:
+    """The plan table or the summary."""
+    if doc["dry_run"]:
         _plan_table(doc)
     else:
         _summary(doc)
