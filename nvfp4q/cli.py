@@ -112,6 +112,8 @@ def quantize(
     keep_split: Annotated[bool, typer.Option(help="One output part per input part (split input).")] = False,
     split_max_size: Annotated[Optional[str], typer.Option(help="Split the output into parts of at most this size (e.g. 48G, 500M).")] = None,
     split_max_tensors: Annotated[int, typer.Option(min=0, help="Split the output into parts of at most N tensors.")] = 0,
+    target_size: Annotated[Optional[str], typer.Option(help="Choose each unpinned tensor's type (NVFP4, Q8_0 or F16) for the least estimated damage with the output at most this size (e.g. 230M, 18G; headers included). See docs/allocation.md.")] = None,
+    target_bpw: Annotated[Optional[float], typer.Option(min=0.01, help="As --target-size, for this many bits per weight (output bytes * 8 / weights, as the summary's).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and totals, write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="The summary (or the --dry-run plan) as one JSON document on stdout (schema: docs/quantize-json.md).")] = False,
@@ -136,6 +138,12 @@ def quantize(
         max_size = parse_size(split_max_size) if split_max_size else 0
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--split-max-size") from None
+    try:
+        budget = parse_size(target_size) if target_size else 0
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--target-size") from None
+    if budget and target_bpw:
+        raise typer.BadParameter("use either --target-size or --target-bpw")
     if keep_split and (max_size or split_max_tensors):
         raise typer.BadParameter("use either --keep-split or --split-max-size/--split-max-tensors")
     if global_scale not in MODES:
@@ -159,6 +167,7 @@ def quantize(
         include_weights=tuple(include_weights or ()), exclude_weights=tuple(exclude_weights or ()),
         allow_requantize=allow_requantize, overwrite=overwrite, keep_split=keep_split,
         split_max_tensors=split_max_tensors, split_max_size=max_size,
+        target_size=budget, target_bpw=target_bpw or 0.0,
     )
     if threads:
         import numba

@@ -51,6 +51,7 @@ class Options:
     pure: bool = False
     leave_output_tensor: bool = False
     global_scale: str = "off"  # one of global_scale.MODES (see global_scale.wants_sidecar)
+    allocated: tuple[tuple[str, T], ...] = ()  # (tensor name, type) from the --target-size allocator
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class Step:
     def sidecar_values(self) -> int:
         """One scale per expert (a 2D weight is one expert)."""
         return self.tensor.shape[2] if len(self.tensor.shape) >= 3 else 1
+
+    @property
+    def data_bytes(self) -> int:
+        """What the step writes: its tensor and, with one, its `.scale` sidecar (F32)."""
+        return self.nbytes + 4 * self.sidecar_values * self.sidecar
 
     @property
     def converts(self) -> bool:
@@ -121,6 +127,10 @@ def _fits(ne0: int, qtype: T) -> bool:
     return ne0 % GGML_QUANT_SIZES[qtype][0] == 0
 
 
+# The reasons of the types chosen without a pin: what the allocator may change.
+DEFAULT_REASONS = ("weight", "token embedding", "output")
+
+
 def _choose(t: TensorInfo, opts: Options) -> tuple[T, str]:
     if t.name in TOKEN_EMBD and opts.token_embedding_type is not None:
         return opts.token_embedding_type, "--token-embedding-type"
@@ -131,11 +141,26 @@ def _choose(t: TensorInfo, opts: Options) -> tuple[T, str]:
             return qtype, f"--tensor-type {pattern}"
     if opts.pure:
         return T.NVFP4, "--pure"
+    for name, qtype in opts.allocated:
+        if name == t.name:
+            return qtype, "allocated"
     if t.name in TOKEN_EMBD:
         return T.Q8_0, "token embedding"
     if t.name == OUTPUT:
         return T.Q8_0, "output"
     return T.NVFP4, "weight"
+
+
+def is_free(t: TensorInfo, arch: str, opts: Options) -> bool:
+    """Quantizable and not pinned by an option: the allocator chooses its type."""
+    return allows_quantization(t.name, len(t.shape), arch, opts) and _choose(t, opts)[1] in DEFAULT_REASONS
+
+
+def candidates(t: TensorInfo) -> list[T]:
+    """The allocator's types for a tensor, smallest first: those whose block fits its rows, and
+    the source's own float type (F16 for F32 sources), which costs nothing in quality."""
+    lossless = t.type if t.type in (T.F16, T.BF16) else T.F16
+    return [q for q in (T.NVFP4, T.Q8_0) if _fits(t.shape[0], q)] + [lossless]
 
 
 def plan_tensor(t: TensorInfo, arch: str, opts: Options, has_bias: bool = False) -> Step:

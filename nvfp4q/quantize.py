@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from nvfp4q import calibration, global_scale, gguf_io, imatrix, kernels, rounding
+from nvfp4q import allocate, calibration, codecs, damage, global_scale, gguf_io, imatrix, kernels, rounding
 from nvfp4q.errors import UserError
-from nvfp4q.plan import Options, Step, file_type_of, make_plan
+from nvfp4q.plan import Options, Step, TensorInfo, file_type_of, make_plan
 
 # Error weights (--weighting): the imatrix value (the default: the upstream method's); the
 # imatrix value plus a tenth of its mean over the tensor, so that columns the calibration text
@@ -24,6 +24,9 @@ FLOOR = 0.1
 ROUNDING_CACHE = 4  # inputs whose rounding factors are kept: the distinct inputs of one layer
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
 QUANTIZATION_VERSION = 2
+# Header room a --target-size reserves beyond the source's header: our keys, and per tensor
+# its padding, a possible sidecar's padding and a sidecar's tensor info.
+HEADER_SLACK, TENSOR_INFO_BYTES = 8192, 160
 # Below what |w| an output type stays finite: F16 rounds 65520 and up to inf, a Q8_0 block stores
 # its scale amax / 127 as F16, BF16 rounds 0x7F7F8000 and up to inf. NVFP4's scale codes saturate.
 _F16_INF = 65520.0
@@ -48,6 +51,8 @@ class Settings:
     keep_split: bool = False
     split_max_tensors: int = 0
     split_max_size: int = 0
+    target_size: int = 0  # --target-size in bytes (0: none)
+    target_bpw: float = 0.0  # --target-bpw (0: none)
 
 
 @dataclass
@@ -61,21 +66,17 @@ class Job:
     missing_importance: list[str]  # NVFP4 tensors the imatrix has no entry for
     excluded_importance: list[str] = field(default_factory=list)  # with an entry, left out by --include/--exclude-weights
     calib: calibration.Calibration | None = None
+    allocation: allocate.Allocation | None = None  # with --target-size / --target-bpw
     rounding_of: dict[str, tuple] = field(default_factory=dict)  # (U, local blocks) of the latest inputs
     factors: dict[str, np.float32] = field(default_factory=dict)  # of rescaled tensors (W * factor), set by run
 
     @property
     def nbytes_out(self) -> int:
-        return sum(map(step_bytes, self.plan))
+        return sum(st.data_bytes for st in self.plan)
 
     @property
     def n_weights(self) -> int:
         return sum(int(np.prod(s.tensor.shape)) for s in self.plan)
-
-
-def step_bytes(step: Step) -> int:
-    """Data bytes a step writes: its tensor and, with one, its `.scale` sidecar (F32)."""
-    return step.nbytes + 4 * step.sidecar_values * step.sidecar
 
 
 @dataclass
@@ -111,17 +112,15 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
             gguf_io.check_convertible(t, s.allow_requantize)
     imat = imatrix.load(s.imatrix) if s.imatrix else None
     calib = calibration.load(s.calibration) if s.calibration else None
+    allocation = None
+    if s.target_size or s.target_bpw:
+        plan, allocation = _allocate(model, opts, s, lambda info: _entry(calib, imat, info))
     importance, missing, excluded = {}, [], []
     for step in plan:
         if step.type != T.NVFP4:
             continue
         name = step.tensor.name
-        m = calib.for_weight(name) if calib is not None else None
-        if m is not None and m.width != step.tensor.shape[0]:
-            raise UserError(f"{calib.path}: {name} is {m.width} wide, the tensor has {step.tensor.shape[0]} columns")
-        # the calibration's diagonal is the same statistic as an imatrix's: it wins where it has one
-        entry = next((imatrix.for_tensor(i, name, step.tensor.shape) for i in (calib and calib.imatrix, imat)
-                      if i and name in i.entries), None)
+        entry = _entry(calib, imat, step.tensor)
         if entry is None:
             if imat is not None or calib is not None:
                 missing.append(name)
@@ -131,7 +130,41 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
             excluded.append(name)
     if missing and s.imatrix_strict:
         raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
-    return Job(model, plan, imat, importance, missing, excluded, calib)
+    return Job(model, plan, imat, importance, missing, excluded, calib, allocation)
+
+
+def _entry(calib: calibration.Calibration | None, imat: imatrix.Imatrix | None, t: TensorInfo) -> imatrix.Entry | None:
+    """A weight's importance data; the calibration's diagonal is the same statistic as an
+    imatrix's, and wins where it has one."""
+    m = calib.for_weight(t.name) if calib is not None else None
+    if m is not None and m.width != t.shape[0]:
+        raise UserError(f"{calib.path}: {t.name} is {m.width} wide, the tensor has {t.shape[0]} columns")
+    return next((imatrix.for_tensor(i, t.name, t.shape) for i in (calib and calib.imatrix, imat)
+                 if i and t.name in i.entries), None)
+
+
+def _allocate(model: gguf_io.Model, opts: Options, s: Settings, entry_of) -> tuple[list[Step], allocate.Allocation]:
+    """--target-size / --target-bpw: the free tensors' types from their estimated damage."""
+    infos = [t.info for t in model.tensors]
+    target = s.target_size or int(s.target_bpw * sum(int(np.prod(i.shape)) for i in infos) / 8)
+    tensors = {t.info.name: t for t in model.tensors}
+    blocks = damage.n_blocks(list(tensors))
+    mode = kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
+
+    def estimate(info: TensorInfo, types: list[T]) -> dict[T, float]:
+        t = tensors[info.name]
+        entry = entry_of(info) if _wants_importance(info.name, s) else None
+        imp = entry and [_importance(v, s) if seen else None for v, seen in zip(entry.values, entry.seen)]
+        err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], info.shape, imp,
+                                     [q for q in types if q != info.type], s.search, mode)
+        t.release()
+        return {q: damage.sensitivity(info.name, blocks) * err.get(q, 0.0) for q in types}
+
+    header = model.header.data_start + HEADER_SLACK + len(infos) * (2 * model.alignment + TENSOR_INFO_BYTES)
+    try:
+        return allocate.fit(infos, model.arch, opts, target, header, estimate)
+    except ValueError as e:
+        raise UserError(f"--target-{'size' if s.target_size else 'bpw'}: {e}") from None
 
 
 def _factors(model: gguf_io.Model, plan: list[Step], s: Settings) -> dict[str, np.float32]:
@@ -170,18 +203,10 @@ def check_paths(sources: list[Path], outs: list[Path], overwrite: bool) -> None:
 
 def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings,
             fed: tuple | None = None) -> np.ndarray:
-    if step.type == T.NVFP4:
-        mode = kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
-        if fed is not None:
-            return rounding.quantize_nvfp4(rows, fed[0], importance, s.search, mode, fed[1], s.feedback)
-        return kernels.quantize_nvfp4(rows, importance, s.search, mode)
-    if step.type == T.Q8_0:
-        return kernels.quantize_q8_0(rows)
-    if step.type == T.F16:
-        return rows.astype(np.float16)
-    if step.type == T.BF16:
-        return gguf_io.f32_to_bf16(rows)
-    return rows.astype(np.float32)
+    mode = kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
+    if fed is not None:
+        return rounding.quantize_nvfp4(rows, fed[0], importance, s.search, mode, fed[1], s.feedback)
+    return codecs.encode(step.type, rows, importance, s.search, mode)
 
 
 def _slabs(t: gguf_io.SourceTensor, first: int, stop: int, slab: int, s: Settings):
@@ -281,6 +306,9 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
         g.add_bool("nvfp4q.calibration.feedback", s.feedback)
         g.add_uint32("nvfp4q.calibration.tensors", sum(1 for st in job.plan if st.type == T.NVFP4
                                                        and st.tensor.name in job.calib.sources))
+    if job.allocation is not None:
+        g.add_uint64("nvfp4q.allocation.target_bytes", job.allocation.target)
+        g.add_float32("nvfp4q.allocation.estimated_kld", sum(job.allocation.damage.values()))
     sidecars = [st for st in job.plan if st.sidecar]
     g.add_uint32("nvfp4q.sidecar_count", len(sidecars))
     if job.factors:  # for the record, and for inspect --against to undo

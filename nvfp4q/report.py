@@ -15,7 +15,7 @@ from rich.table import Table
 
 from nvfp4q.global_scale import sidecar_name
 from nvfp4q.plan import Options, Step
-from nvfp4q.quantize import Job, Settings, Summary, step_bytes
+from nvfp4q.quantize import Job, Settings, Summary
 from nvfp4q.units import bits_per_weight, human_bytes
 
 SCHEMA = "nvfp4q.quantize/1"
@@ -37,6 +37,7 @@ def document(job: Job, opts: Options, s: Settings, src: Path, out: Path, summary
         "types": _types(job.plan),
         "sidecars": [sidecar_name(st.tensor.name) for st in job.plan if st.sidecar],
         "imatrix": _imatrix(job),
+        "allocation": _allocation(job),
     }
     if summary is None:
         doc["bits_per_weight"] = _bpw(job.nbytes_out, job.n_weights)
@@ -83,7 +84,7 @@ def _types(plan: list[Step]) -> list[dict]:
     """Tensors the output holds, per type; a `.scale` sidecar counts as the F32 tensor it is."""
     rows = defaultdict(lambda: {"count": 0, "bytes": 0})
     for st in plan:
-        written = [(st.type.name, st.nbytes)] + ([("F32", step_bytes(st) - st.nbytes)] if st.sidecar else [])
+        written = [(st.type.name, st.nbytes)] + ([("F32", st.data_bytes - st.nbytes)] if st.sidecar else [])
         for name, nbytes in written:
             rows[name]["count"] += 1
             rows[name]["bytes"] += nbytes
@@ -102,12 +103,19 @@ def _imatrix(job: Job) -> dict | None:
     }
 
 
+def _allocation(job: Job) -> dict | None:
+    a = job.allocation
+    return None if a is None else {"target_bytes": a.target, "planned_bytes": a.planned,
+                                   "estimated_kld": sum(a.damage.values())}
+
+
 def _tensor(job: Job, st: Step) -> dict:
     t = st.tensor
     return {
         "name": t.name, "shape": list(t.shape), "from": t.type.name, "to": st.type.name, "reason": st.reason,
         "imatrix": None if job.imat is None or st.type.name != "NVFP4" else t.name in job.importance,
         "bytes": st.nbytes, "sidecar": sidecar_name(t.name) if st.sidecar else None, "rescale": st.rescale,
+        "damage": job.allocation.damage.get(t.name) if job.allocation else None,
     }
 
 
@@ -122,16 +130,20 @@ def render(doc: dict) -> None:
 def _plan_table(doc: dict) -> None:
     out = Console(soft_wrap=True) if sys.stdout.isatty() else Console(width=200, no_color=True, soft_wrap=True)
     table = Table(box=None, pad_edge=False)
-    for col in ("tensor", "shape", "from", "to", "reason", "imatrix", "size"):
-        table.add_column(col, justify="right" if col == "size" else "left")
+    allocated = doc["allocation"] is not None
+    for col in ("tensor", "shape", "from", "to", "reason", "imatrix", "size") + ("damage",) * allocated:
+        table.add_column(col, justify="right" if col in ("size", "damage") else "left")
     marks = {None: "-", True: "yes", False: "no"}
     for t in doc["tensors"]:
+        damage = () if not allocated else ("-" if t["damage"] is None else f"{t['damage']:.2e}",)
         table.add_row(t["name"], "x".join(map(str, t["shape"])), t["from"], t["to"], t["reason"],
-                      marks[t["imatrix"]], human_bytes(t["bytes"]))
+                      marks[t["imatrix"]], human_bytes(t["bytes"]), *damage)
     out.print(table)
     bpw = doc["bits_per_weight"] or 0.0
     out.print(f"tensors: {len(doc['tensors'])}  weights: {doc['weights']}  size: {human_bytes(doc['bytes_in'])} -> "
               f"{human_bytes(doc['tensor_bytes'])}  bits per weight: {bpw:.3f}")
+    if allocated:
+        out.print(_allocation_line(doc["allocation"]))
     if doc["imatrix"] is not None:
         imat = doc["imatrix"]
         out.print(f"imatrix: {len(imat['with_data'])} tensor(s) with data, {len(imat['without_data'])} without")
@@ -149,9 +161,16 @@ def _summary(doc: dict) -> None:
         f"bits per weight: {doc['bits_per_weight'] or 0.0:.3f}",
         f"time: {doc['seconds']:.2f} s ({rate / 1e6:.1f} M weights/s)",
     ]
+    if doc["allocation"] is not None:
+        lines.append(_allocation_line(doc["allocation"]))
     if doc["imatrix"] is not None and doc["imatrix"]["without_data"]:
         lines.append(f"without imatrix data: {len(doc['imatrix']['without_data'])} tensor(s)")
     print("\n".join(lines))
+
+
+def _allocation_line(a: dict) -> str:
+    return (f"target: {human_bytes(a['target_bytes'])}, planned {human_bytes(a['planned_bytes'])}; "
+            f"estimated KLD {a['estimated_kld']:.4f}")
 
 
 class Lines:
@@ -166,7 +185,7 @@ class Lines:
 
     def __call__(self, step: Step) -> None:
         self.done_tensors += 1
-        self.done_bytes += step_bytes(step)
+        self.done_bytes += step.data_bytes
         self.done_weights += math.prod(step.tensor.shape)
         now = self.clock()
         fraction = self.done_bytes / self.total if self.total else 1.0
@@ -209,7 +228,7 @@ def progress(job: Job, quiet: bool):
         task = bar.add_task("quantize", total=len(job.plan), bytes="", current="")
 
         def on_tensor(step):
-            done[0] += step_bytes(step)
+            done[0] += step.data_bytes
             bar.update(task, advance=1, current=step.tensor.name,
                        bytes=f"{human_bytes(done[0])} / {human_bytes(job.nbytes_out)}")
 

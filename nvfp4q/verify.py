@@ -13,34 +13,12 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFValueType as V
 
-from nvfp4q import global_scale, gguf_header, gguf_io, imatrix, kernels
+from nvfp4q import global_scale, gguf_header, imatrix, kernels
+from nvfp4q.codecs import decodable, decode
 from nvfp4q.errors import UserError
 
 SLAB_BYTES = 16 << 20  # decoded float32 bytes per slab
-_VIEWS = {T.F32: np.float32, T.F16: np.float16, T.F64: np.float64,
-          T.I8: np.int8, T.I16: np.int16, T.I32: np.int32, T.I64: np.int64}
 NAN_CODE, SIGN_BIT = 0x7F, 0x80
-
-
-def decode(qtype: T, raw: np.ndarray) -> np.ndarray:
-    """Raw uint8 rows [rows, row bytes] -> values [rows, ne0] (float32, or the file's own dtype).
-    Damaged bytes decode to inf or NaN (with numpy's warnings unless the caller, who checks the
-    values, computes under np.errstate)."""
-    if qtype == T.NVFP4:
-        return kernels.dequantize_nvfp4(raw)
-    if qtype == T.Q8_0:
-        return kernels.dequantize_q8_0(raw)
-    if qtype == T.BF16:
-        return kernels.bf16_to_f32(raw.view(np.uint16))
-    if qtype in _VIEWS:
-        return raw.view(_VIEWS[qtype])
-    return gguf_io.dequantized(raw, qtype)
-
-
-def decodable(qtype: T | None) -> bool:
-    """Whether decode() can read the type (gguf has no dequantizer for a few)."""
-    own = (T.NVFP4, T.Q8_0, T.BF16, *_VIEWS)
-    return qtype is not None and (qtype in own or gguf_io.gguf_decodes(qtype))
 
 
 def row_ranges(t: gguf_header.Tensor):

@@ -318,7 +318,7 @@ def test_progress_lines_every_step_or_interval(src):
     """The reporter's own rules, on a fake clock: 10 s per tensor, a line every 25 s or 50% of the bytes."""
     from nvfp4q import report
     from nvfp4q.plan import Options
-    from nvfp4q.quantize import Settings, prepare, step_bytes
+    from nvfp4q.quantize import Settings, prepare
 
     job = prepare(src, Options(global_scale="auto"), Settings())
     now = [100.0]
@@ -327,9 +327,9 @@ def test_progress_lines_every_step_or_interval(src):
     done, last_line, expected = 0, 100.0, []
     for n, step in enumerate(job.plan, 1):
         now[0] += 10.0
-        done += step_bytes(step)
+        done += step.data_bytes
         half = int(2 * done / job.nbytes_out + 1e-9)
-        if now[0] - last_line >= 25.0 or half > int(2 * (done - step_bytes(step)) / job.nbytes_out + 1e-9):
+        if now[0] - last_line >= 25.0 or half > int(2 * (done - step.data_bytes) / job.nbytes_out + 1e-9):
             expected.append(n)
             last_line = now[0]
         progress(step)

@@ -1,0 +1,74 @@
+"""Fit nvfp4q.damage.SENSITIVITY from single-group ablations, and check it on composite files.
+
+    python scripts/fit_sensitivity.py MODEL-f16.gguf IMATRIX EVAL.json [EVAL.json ...]
+
+Each EVAL.json is `nvfp4q eval --json` of MODEL against files that are the model with one group
+of tensors quantized (e.g. `--tensor-type ffn_down=nvfp4 --tensor-type .=f16`, the default
+method) or any other mix. For each file the script reads its tensor types, adds up every
+tensor's relative error for that type (measured as the allocator measures it, on the source and
+the imatrix) per tensor kind, in the units of damage.sensitivity (block kinds divided by the
+number of blocks), and prints:
+- per file whose quantized tensors are all of one kind: the measured KLD over that sum, the
+  sensitivity of the kind;
+- per file: the KLD predicted with damage.SENSITIVITY next to the measured one (+- s.e.).
+"""
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as T
+
+from nvfp4q import damage, gguf_header, gguf_io, imatrix, kernels, plan
+from nvfp4q.quantize import Settings, _slabs
+
+
+def relative_errors(model_path: Path, imatrix_path: Path) -> dict[str, dict[str, float]]:
+    model = gguf_io.open_model(model_path)
+    imat = imatrix.load(imatrix_path)
+    s = Settings()
+    out = {}
+    for t in model.tensors:
+        info = t.info
+        if not plan.allows_quantization(info.name, len(info.shape), model.arch, plan.Options()):
+            continue
+        entry = imatrix.for_tensor(imat, info.name, info.shape) if info.name in imat.entries else None
+        imp = entry and [v if seen else None for v, seen in zip(entry.values, entry.seen)]
+        types = [q for q in plan.candidates(info) if q != info.type]
+        err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], info.shape, imp,
+                                     types, s.search, kernels.WEIGHT_RAW)
+        out[info.name] = {q.name: e for q, e in err.items()}
+        t.release()
+    return out
+
+
+def units(path: str, errors: dict[str, dict[str, float]], blocks: int) -> dict[str, float]:
+    """Per kind: the summed relative error of the file's tensors, in sensitivity units."""
+    h = gguf_header.read(Path(path))
+    u = defaultdict(float)
+    for t in h.tensors:
+        e = errors.get(t.name, {}).get(t.type_name)
+        if e is not None:
+            u[damage.kind(t.name)] += e * damage.sensitivity(t.name, blocks) / damage.SENSITIVITY.get(damage.kind(t.name), 1.0)
+    return dict(u)
+
+
+def main() -> None:
+    model, imat_path, *evals = sys.argv[1:]
+    errors = relative_errors(Path(model), Path(imat_path))
+    blocks = damage.n_blocks(list(errors))
+    for ev in evals:
+        doc = json.loads(Path(ev).read_text())
+        print(f"# {ev} ({doc['text']}, {doc['chunks']} chunks)")
+        print(f"{'file':40} {'KLD':>8} {'s.e.':>7} {'predicted':>9}  kinds: fitted sensitivity")
+        for m in doc["models"]:
+            u = units(m["path"], errors, blocks)
+            kld = m["kld"]["mean"]
+            predicted = sum(damage.SENSITIVITY.get(k, 1.0) * v for k, v in u.items())
+            fitted = ", ".join(f"{k} {kld / v:.3g}" for k, v in u.items()) if len(u) == 1 else ""
+            print(f"{Path(m['path']).name:40} {kld:8.4f} {m['kld']['se']:7.4f} {predicted:9.4f}  {fitted}")
+
+
+if __name__ == "__main__":
+    main()
