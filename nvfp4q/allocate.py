@@ -74,20 +74,21 @@ def allocate(choices: dict[str, list[Choice]], budget: int) -> dict[str, Choice]
 
 @dataclass(frozen=True)
 class Allocation:
-    target: int  # bytes of the output files, headers included
-    planned: int  # what the plan writes, at most target: data plus the header allowance
+    target: int  # bytes of the output file, header included
+    planned: int  # the output file's size, at most target
     damage: dict[str, float]  # estimated, per allocated tensor
 
 
 def fit(tensors: list[TensorInfo], arch: str, opts: Options, target: int, header: int,
-        estimate: Callable[[TensorInfo, list[T]], dict[T, float]]) -> tuple[list[Step], Allocation]:
-    """The plan whose free tensors are allocated within target bytes.
+        cost: Callable[[Step], int], estimate: Callable[[TensorInfo, list[T]], dict[T, float]]
+        ) -> tuple[list[Step], Allocation]:
+    """The plan whose free tensors are allocated so that header + the steps' costs <= target.
 
-    header: bytes beyond the tensor data the output may take (metadata, tensor infos, padding).
-    estimate(tensor, types): damage per candidate type. Raises ValueError for an impossible target.
+    cost(step): the bytes a step adds to the output (its padded data, a sidecar's data and
+    tensor info); estimate(tensor, types): damage per candidate type. ValueError for a target
+    below the smallest reachable size.
     """
     base = make_plan(tensors, arch, opts)
-    free = [st for st in base if is_free(st.tensor, arch, opts)]
     names = {t.name for t in tensors}
 
     def planned(t: TensorInfo, qtype: T) -> Step:
@@ -95,19 +96,21 @@ def fit(tensors: list[TensorInfo], arch: str, opts: Options, target: int, header
         return plan_tensor(t, arch, replace(opts, allocated=((t.name, qtype),)), has_bias)
 
     choices = {}
-    for st in free:
-        types = candidates(st.tensor)
-        damage = estimate(st.tensor, types)
-        choices[st.tensor.name] = [Choice(q, planned(st.tensor, q).data_bytes, damage[q], q == st.type) for q in types]
-    fixed = header + sum(st.data_bytes for st in base if not is_free(st.tensor, arch, opts))
+    for st in base:
+        if is_free(st.tensor, arch, opts):
+            types = candidates(st.tensor)
+            damage = estimate(st.tensor, types)
+            choices[st.tensor.name] = [Choice(q, cost(planned(st.tensor, q)), damage[q], q == st.type) for q in types]
+    fixed = header + sum(cost(st) for st in base if st.tensor.name not in choices)
     try:
         pick = allocate(choices, target - fixed)
     except ValueError:
         lo, hi = reachable(choices)
-        raise ValueError(f"target {human_bytes(target)} ({target} bytes) is below the smallest size reachable: "
-                         f"{human_bytes(fixed + lo)} to {human_bytes(fixed + hi)} ({fixed + lo} to {fixed + hi} bytes)") from None
+        raise ValueError(f"{human_bytes(target)} ({target} bytes) is below the smallest size reachable; "
+                         f"reachable: {fixed + lo} to {fixed + hi} bytes ({human_bytes(fixed + lo)} to "
+                         f"{human_bytes(fixed + hi)})") from None
     plan = make_plan(tensors, arch, replace(opts, allocated=tuple((n, c.type) for n, c in pick.items())))
-    size = header + sum(st.data_bytes for st in plan)
+    size = header + sum(cost(st) for st in plan)
     if size > target:  # a rescaled layer's norm turned F32: the allocation did not know
-        raise ValueError(f"target {human_bytes(target)}: the allocated plan takes {size} bytes; give a little more")
+        raise ValueError(f"{human_bytes(target)}: the allocated plan takes {size} bytes; give a little more")
     return plan, Allocation(target, size, {n: c.damage for n, c in pick.items()})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter
 from gguf import GGMLQuantizationType as T
 from gguf.gguf_writer import GGUFValue
 from gguf.quants import dequantize
@@ -158,6 +158,15 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return rounded
 
 
+def tensor_info_bytes(name: str, n_dims: int) -> int:
+    """A tensor info in the header: name, dimension count, dimensions, type, offset."""
+    return 8 + len(name.encode()) + 4 + 8 * n_dims + 4 + 8
+
+
+def padded(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
 class _Raw(bytes):
     """A metadata value (type id and payload) copied byte for byte from the source."""
 
@@ -220,6 +229,15 @@ class Writer:
 
     def add_tensor_info(self, name: str, shape: tuple[int, ...], qtype: T, nbytes: int) -> None:
         self._w.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+
+    def header_bytes(self) -> int:
+        """Bytes of a single-part output's header, metadata and tensor infos, before the padding
+        that aligns the data: what begin_data() will write."""
+        w = self._w
+        kv = sum(len(w._pack_val(k, GGUFValueType.STRING, add_vtype=False))
+                 + len(w._pack_val(v.value, v.type, add_vtype=True, sub_type=v.sub_type))
+                 for k, v in w.kv_data[0].items())
+        return 24 + kv + sum(tensor_info_bytes(name, len(ti.shape)) for part in w.tensors for name, ti in part.items())
 
     def part_names(self) -> list[Path]:
         self._w.format_shard_names(self._w.path)

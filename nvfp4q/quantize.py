@@ -4,7 +4,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,6 @@ FLOOR = 0.1
 ROUNDING_CACHE = 4  # inputs whose rounding factors are kept: the distinct inputs of one layer
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
 QUANTIZATION_VERSION = 2
-# Header room a --target-size reserves beyond the source's header: our keys, and per tensor
-# its padding, a possible sidecar's padding and a sidecar's tensor info.
-HEADER_SLACK, TENSOR_INFO_BYTES = 8192, 160
 # Below what |w| an output type stays finite: F16 rounds 65520 and up to inf, a Q8_0 block stores
 # its scale amax / 127 as F16, BF16 rounds 0x7F7F8000 and up to inf. NVFP4's scale codes saturate.
 _F16_INF = 65520.0
@@ -100,6 +97,8 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
     """Open and check everything before a byte is written: a bad input fails early and clean."""
     if s.include_weights and s.exclude_weights:
         raise UserError("--include-weights and --exclude-weights cannot be used together")
+    if (s.target_size or s.target_bpw) and (s.keep_split or s.split_max_size or s.split_max_tensors):
+        raise UserError("--target-size and --target-bpw count one output file: not with --keep-split or --split-max-*")
     if s.calibration is None and (s.scales != "search" or not s.feedback):
         raise UserError("--scales local and --no-error-feedback need --calibration")
     model = gguf_io.open_model(src)
@@ -114,7 +113,7 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
     calib = calibration.load(s.calibration) if s.calibration else None
     allocation = None
     if s.target_size or s.target_bpw:
-        plan, allocation = _allocate(model, opts, s, lambda info: _entry(calib, imat, info))
+        plan, allocation = _allocate(model, plan, opts, s, imat, calib)
     importance, missing, excluded = {}, [], []
     for step in plan:
         if step.type != T.NVFP4:
@@ -143,7 +142,20 @@ def _entry(calib: calibration.Calibration | None, imat: imatrix.Imatrix | None, 
                  if i and t.name in i.entries), None)
 
 
-def _allocate(model: gguf_io.Model, opts: Options, s: Settings, entry_of) -> tuple[list[Step], allocate.Allocation]:
+def _header_bytes(model: gguf_io.Model, plan: list[Step], s: Settings, imat, calib) -> int:
+    """The output's header before any sidecar's tensor info (the allocation counts those): the
+    metadata as add_metadata writes it, the allocation's keys included."""
+    w = gguf_io.Writer(Path("unwritten.gguf"), model.arch, model.alignment)
+    job = Job(model, [replace(st, sidecar=False) for st in plan], imat, {}, [], calib=calib,
+              allocation=allocate.Allocation(0, 0, {}),
+              factors={st.tensor.name: np.float32(1) for st in plan if st.rescale})
+    add_metadata(w, job, s)
+    _plan_parts(w, job, s)
+    return w.header_bytes()
+
+
+def _allocate(model: gguf_io.Model, plan: list[Step], opts: Options, s: Settings, imat, calib
+              ) -> tuple[list[Step], allocate.Allocation]:
     """--target-size / --target-bpw: the free tensors' types from their estimated damage."""
     infos = [t.info for t in model.tensors]
     target = s.target_size or int(s.target_bpw * sum(int(np.prod(i.shape)) for i in infos) / 8)
@@ -153,18 +165,28 @@ def _allocate(model: gguf_io.Model, opts: Options, s: Settings, entry_of) -> tup
 
     def estimate(info: TensorInfo, types: list[T]) -> dict[T, float]:
         t = tensors[info.name]
-        entry = entry_of(info) if _wants_importance(info.name, s) else None
+        entry = _entry(calib, imat, info) if _wants_importance(info.name, s) else None
         imp = entry and [_importance(v, s) if seen else None for v, seen in zip(entry.values, entry.seen)]
         err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], info.shape, imp,
                                      [q for q in types if q != info.type], s.search, mode)
         t.release()
         return {q: damage.sensitivity(info.name, blocks) * err.get(q, 0.0) for q in types}
 
-    header = model.header.data_start + HEADER_SLACK + len(infos) * (2 * model.alignment + TENSOR_INFO_BYTES)
+    h = _header_bytes(model, plan, s, imat, calib)
+    # the data and the file's end are aligned: header + costs <= the target rounded down to the
+    # alignment is exactly the condition for the file to fit
+    slack = target % model.alignment
+
+    def cost(st: Step) -> int:
+        side = gguf_io.padded(4 * st.sidecar_values, model.alignment) + gguf_io.tensor_info_bytes(
+            global_scale.sidecar_name(st.tensor.name), 1) if st.sidecar else 0
+        return gguf_io.padded(st.nbytes, model.alignment) + side
+
     try:
-        return allocate.fit(infos, model.arch, opts, target, header, estimate)
+        plan, a = allocate.fit(infos, model.arch, opts, target, h + slack, cost, estimate)
     except ValueError as e:
         raise UserError(f"--target-{'size' if s.target_size else 'bpw'}: {e}") from None
+    return plan, replace(a, planned=gguf_io.padded(a.planned - slack, model.alignment))  # the file's size
 
 
 def _factors(model: gguf_io.Model, plan: list[Step], s: Settings) -> dict[str, np.float32]:
