@@ -26,15 +26,15 @@ class Choice:
 
 
 def hull(choices: list[Choice]) -> list[Choice]:
-    """The choices worth taking, cheapest first: no dominated one, and each step saving less
-    damage per byte than the one before."""
+    """The choices worth taking, cheapest first: no dominated one, and each step saving no more
+    damage per byte than the one before (equal ratios keep the middle choice: it may be the default)."""
     out: list[Choice] = []
     for c in sorted(choices, key=lambda c: (c.nbytes, c.damage, not c.default)):
         if out and c.damage >= out[-1].damage:
             continue
         if out and c.nbytes == out[-1].nbytes:
             continue
-        while len(out) >= 2 and _slope(out[-2], out[-1]) <= _slope(out[-1], c):
+        while len(out) >= 2 and _slope(out[-2], out[-1]) < _slope(out[-1], c):
             out.pop()
         out.append(c)
     return out

@@ -21,12 +21,25 @@ from nvfp4q import codecs
 
 SAMPLE_RUNS, RUN_ROWS = 16, 32  # rows measured per tensor: 16 evenly spaced runs of 32
 
-# KLD per unit relative error, per tensor kind (times the number of blocks for block tensors).
+# KLD per unit of relative error, per tensor kind (block kinds: times the number of blocks).
+# Geometric means of the two development models' single-group ablations (docs/allocation.md);
+# token_embd is tied to the output in both, so the output role is in its figure.
 SENSITIVITY = {
-    "token_embd": 1.0, "output": 1.0,
-    "attn_q": 1.0, "attn_k": 1.0, "attn_v": 1.0, "attn_output": 1.0,
-    "ffn_gate": 1.0, "ffn_up": 1.0, "ffn_down": 1.0,
+    "token_embd": 16.9, "output": 16.9,
+    "attn_q": 1.32, "attn_k": 1.91, "attn_v": 1.97, "attn_output": 2.03,
+    "ffn_gate": 2.77, "ffn_up": 3.31, "ffn_down": 5.34,
 }
+# Later blocks weigh more: the block at relative depth z (0 first, 1 last) counts 1 + DEPTH * (z - 1/2)
+# (second half over first half of ffn_down: 1.46 and 1.32 in the two models).
+DEPTH = 0.65
+# llama.cpp multiplies quantized weights with activations quantized to 8 bits: a floor of error
+# every quantized type pays and the source's float type does not (Q8_0 blocks alone: 1-1.5e-4).
+ACTIVATION_ERROR = 1e-4
+# What the relative error misses between types, from the Q5_0 arms (all blocks, or the embedding,
+# in Q5_0; docs/allocation.md): a block's Q5_0 error hurts 1.38-1.56x what NVFP4's equal error
+# does, an embedding's 0.39-0.51x (its damage grows faster than linearly in the error).
+TYPE_WEIGHT = {(T.Q5_0, "block"): 1.47, (T.Q5_0, "embedding"): 0.45}
+_EMBEDDINGS = ("token_embd", "output")
 # kinds no development model has, read as the measured kind they resemble
 _ALIASES = {"attn_qkv": "attn_v", "attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv_a_mqa": "attn_k",
             "attn_kv_b": "attn_v", "attn_k_b": "attn_k", "attn_v_b": "attn_v", "per_layer_token_embd": "token_embd"}
@@ -46,13 +59,25 @@ def n_blocks(names: list[str]) -> int:
 
 
 def sensitivity(name: str, blocks: int) -> float:
-    """Unknown kinds get the mean of the measured block kinds."""
+    """KLD per unit relative error of one tensor; unknown kinds get the mean of the block kinds."""
     k = kind(name)
     s = SENSITIVITY.get(k)
     if s is None:
-        block_kinds = [v for k2, v in SENSITIVITY.items() if k2 not in ("token_embd", "output")]
+        block_kinds = [v for k2, v in SENSITIVITY.items() if k2 not in _EMBEDDINGS]
         s = sum(block_kinds) / len(block_kinds)
-    return s / blocks if _BLOCK.match(name) else s
+    m = _BLOCK.match(name)
+    if m is None:
+        return s
+    z = int(m.group(1)) / (blocks - 1) if blocks > 1 else 0.5
+    return s * (1 + DEPTH * (z - 0.5)) / blocks
+
+
+def estimate(name: str, blocks: int, errors: dict, source: T) -> dict:
+    """Damage per type from relative errors per type; the source's own type costs nothing."""
+    s = sensitivity(name, blocks)
+    role = "embedding" if kind(name) in _EMBEDDINGS else "block"
+    return {q: 0.0 if q == source else s * (TYPE_WEIGHT.get((q, role), 1.0) * e + ACTIVATION_ERROR)
+            for q, e in errors.items()}
 
 
 def sample(shape: tuple[int, ...]) -> list[tuple[int, int, int]]:

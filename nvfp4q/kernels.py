@@ -374,6 +374,64 @@ def dequantize_q8_0(blocks):
     return (q * d).reshape(rows, -1)
 
 
+Q5_0_BYTES = 22  # fp16 d, 32 fifth bits, 16 bytes of low nibbles
+
+
+@njit(cache=True, parallel=True)
+def _encode_q5_0(x, d_out, out):
+    """ggml's quantize_row_q5_0_ref: d = (the value of largest magnitude) / -16, values
+    truncated after adding 16.5, the low nibbles of j and j + 16 sharing a byte."""
+    nblocks = x.shape[1] // Q8_0_BLOCK
+    for r in prange(x.shape[0]):
+        for b in range(nblocks):
+            off = b * Q8_0_BLOCK
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(Q8_0_BLOCK):
+                if amax < abs(x[r, off + j]):
+                    amax = abs(x[r, off + j])
+                    vmax = x[r, off + j]
+            d = vmax / np.float32(-16.0)
+            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+            d_out[r, b] = d
+            qh = np.uint32(0)
+            o = b * Q5_0_BYTES
+            for j in range(Q8_0_BLOCK // 2):
+                q0 = min(31, np.int32(x[r, off + j] * inv + np.float32(16.5)))
+                q1 = min(31, np.int32(x[r, off + 16 + j] * inv + np.float32(16.5)))
+                out[r, o + 6 + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+                qh |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
+                qh |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+            for k in range(4):
+                out[r, o + 2 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+def quantize_q5_0(x):
+    """float32 [rows, cols] -> uint8 [rows, cols // 32 * 22] Q5_0 blocks, as ggml's reference
+    quantizer writes them (ggml's own imatrix path searches the scale; this one does not)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    if cols % Q8_0_BLOCK:
+        raise ValueError(f"Q5_0 needs a multiple of {Q8_0_BLOCK} columns, got {cols}")
+    nb = cols // Q8_0_BLOCK
+    d = np.empty((rows, nb), np.float32)
+    out = np.empty((rows, nb * Q5_0_BYTES), np.uint8)
+    _encode_q5_0(x, d, out)
+    out.reshape(rows, nb, Q5_0_BYTES)[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    return out
+
+
+def dequantize_q5_0(blocks):
+    """uint8 [rows, nbytes] Q5_0 blocks -> float32 [rows, nbytes // 22 * 32]."""
+    rows = blocks.shape[0]
+    b = np.ascontiguousarray(blocks, np.uint8).reshape(rows, -1, Q5_0_BYTES)
+    d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
+    qh = b[:, :, 2:6].copy().view(np.uint32)
+    lo = np.concatenate([b[:, :, 6:] & 0x0F, b[:, :, 6:] >> 4], axis=2).astype(np.int32)
+    hi = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
+    return (((lo | (hi << 4)) - 16) * d).astype(np.float32).reshape(rows, -1)
+
+
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 

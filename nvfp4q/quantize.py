@@ -25,9 +25,10 @@ ROUNDING_CACHE = 4  # inputs whose rounding factors are kept: the distinct input
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
 QUANTIZATION_VERSION = 2
 # Below what |w| an output type stays finite: F16 rounds 65520 and up to inf, a Q8_0 block stores
-# its scale amax / 127 as F16, BF16 rounds 0x7F7F8000 and up to inf. NVFP4's scale codes saturate.
+# its scale amax / 127 as F16 (Q5_0: amax / 16), BF16 rounds 0x7F7F8000 and up to inf. NVFP4's
+# scale codes saturate.
 _F16_INF = 65520.0
-FINITE_BELOW = {T.F16: _F16_INF, T.Q8_0: _F16_INF * 127, T.BF16: float(np.uint32(0x7F7F8000).view(np.float32))}
+FINITE_BELOW = {T.F16: _F16_INF, T.Q8_0: _F16_INF * 127, T.Q5_0: _F16_INF * 16, T.BF16: float(np.uint32(0x7F7F8000).view(np.float32))}
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def _allocate(model: gguf_io.Model, plan: list[Step], opts: Options, s: Settings
         err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], info.shape, imp,
                                      [q for q in types if q != info.type], s.search, mode)
         t.release()
-        return {q: damage.sensitivity(info.name, blocks) * err.get(q, 0.0) for q in types}
+        return damage.estimate(info.name, blocks, {q: err.get(q, 0.0) for q in types}, info.type)
 
     h = _header_bytes(model, plan, s, imat, calib)
     # the data and the file's end are aligned: header + costs <= the target rounded down to the

@@ -8,8 +8,8 @@ method) or any other mix. For each file the script reads its tensor types, adds 
 tensor's relative error for that type (measured as the allocator measures it, on the source and
 the imatrix) per tensor kind, in the units of damage.sensitivity (block kinds divided by the
 number of blocks), and prints:
-- per file whose quantized tensors are all of one kind: the measured KLD over that sum, the
-  sensitivity of the kind;
+- per file whose quantized tensors are all of one kind: the measured KLD over that sum (with
+  the depth factor and the activation floor), the sensitivity of the kind;
 - per file: the KLD predicted with damage.SENSITIVITY next to the measured one (+- s.e.).
 """
 
@@ -18,7 +18,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from gguf import GGMLQuantizationType as T
 
 from nvfp4q import damage, gguf_header, gguf_io, imatrix, kernels, plan
 from nvfp4q.quantize import Settings, _slabs
@@ -38,20 +37,23 @@ def relative_errors(model_path: Path, imatrix_path: Path) -> dict[str, dict[str,
         types = [q for q in plan.candidates(info) if q != info.type]
         err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], info.shape, imp,
                                      types, s.search, kernels.WEIGHT_RAW)
-        out[info.name] = {q.name: e for q, e in err.items()}
+        out[info.name] = {q.name: e for q, e in err.items()}  # JSON-ready keys
         t.release()
     return out
 
 
-def units(path: str, errors: dict[str, dict[str, float]], blocks: int) -> dict[str, float]:
-    """Per kind: the summed relative error of the file's tensors, in sensitivity units."""
+def damages(path: str, errors: dict[str, dict[str, float]], blocks: int) -> dict[str, tuple[float, float]]:
+    """Per kind: (predicted KLD, the same with every sensitivity 1) of the file's tensors."""
     h = gguf_header.read(Path(path))
-    u = defaultdict(float)
+    out = defaultdict(lambda: (0.0, 0.0))
     for t in h.tensors:
         e = errors.get(t.name, {}).get(t.type_name)
         if e is not None:
-            u[damage.kind(t.name)] += e * damage.sensitivity(t.name, blocks) / damage.SENSITIVITY.get(damage.kind(t.name), 1.0)
-    return dict(u)
+            k = damage.kind(t.name)
+            d = damage.estimate(t.name, blocks, {t.type: e}, None)[t.type]
+            p, u = out[k]
+            out[k] = (p + d, u + d / damage.SENSITIVITY.get(k, 1.0))
+    return dict(out)
 
 
 def main() -> None:
@@ -63,12 +65,11 @@ def main() -> None:
         print(f"# {ev} ({doc['text']}, {doc['chunks']} chunks)")
         print(f"{'file':40} {'KLD':>8} {'s.e.':>7} {'predicted':>9}  kinds: fitted sensitivity")
         for m in doc["models"]:
-            u = units(m["path"], errors, blocks)
+            d = damages(m["path"], errors, blocks)
             kld = m["kld"]["mean"]
-            predicted = sum(damage.SENSITIVITY.get(k, 1.0) * v for k, v in u.items())
-            fitted = ", ".join(f"{k} {kld / v:.3g}" for k, v in u.items()) if len(u) == 1 else ""
+            predicted = sum(p for p, _ in d.values())
+            fitted = ", ".join(f"{k} {kld / u:.3g}" for k, (_, u) in d.items()) if len(d) == 1 else ""
             print(f"{Path(m['path']).name:40} {kld:8.4f} {m['kld']['se']:7.4f} {predicted:9.4f}  {fitted}")
-
 
 if __name__ == "__main__":
     main()

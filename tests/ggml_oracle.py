@@ -8,6 +8,7 @@ import numpy as np
 
 NVFP4 = 40
 Q8_0 = 8
+Q5_0 = 6
 
 
 class _TypeTraits(ctypes.Structure):

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import GGUFReader
 
 from helpers import logits, rel_rmse, run_cli, tiny_model
@@ -69,9 +69,8 @@ def _llama_like() -> list[TensorInfo]:
 
 
 def _flat(info: TensorInfo, types: list[T]) -> dict[T, float]:
-    """The same damage per weight in every tensor."""
-    per_weight = {T.NVFP4: 1.0, T.Q8_0: 0.25, T.F16: 0.0}
-    return {q: per_weight[q] * int(np.prod(info.shape)) for q in types}
+    """The same damage per weight in every tensor, falling by the same amount for every bit."""
+    return {q: (16 - 8 * GGML_QUANT_SIZES[q][1] / GGML_QUANT_SIZES[q][0]) * int(np.prod(info.shape)) for q in types}
 
 
 def _data(st):

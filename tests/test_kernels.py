@@ -82,6 +82,24 @@ def test_q8_0_rounds_half_away_from_zero():
     assert q.tolist() == [127, 1, 2, 3, -1, -3]
 
 
+@pytest.mark.parametrize("name", DATA)
+def test_q5_0_is_byte_identical_to_ggml(name):
+    x = DATA[name]
+    ours = K.quantize_q5_0(x)
+    assert np.array_equal(ours, ggml.quantize(ggml.Q5_0, x))
+    assert np.array_equal(K.dequantize_q5_0(ours), ggml.dequantize(ggml.Q5_0, ours, x.shape[1]))
+    assert np.array_equal(K.dequantize_q5_0(ours), gguf_dequantize(ours, GGMLQuantizationType.Q5_0))
+
+
+def test_q5_0_truncates_after_adding_16_5():
+    # d = -(-16)/16 = 1 from the most negative value; x/d + 16.5 truncated: 0.4 -> 16, 0.5 -> 17,
+    # -0.5 -> 16, 15.6 -> 31 (capped), and the largest positive value keeps its sign's place
+    x = np.zeros((1, 32), np.float32)
+    x[0, :6] = [-16, 0.4, 0.5, -0.5, 15.6, -15.5]
+    assert np.array_equal(K.quantize_q5_0(x), ggml.quantize(ggml.Q5_0, x))
+    assert K.dequantize_q5_0(K.quantize_q5_0(x))[0, :6].tolist() == [-16, 0, 1, 0, 15, -15]
+
+
 def _every_code_and_nibble():
     """Blocks covering all 256 scale bytes with all 16 nibbles in each sub-block."""
     codes = np.arange(256, dtype=np.uint8).reshape(-1, 4)
