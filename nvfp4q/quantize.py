@@ -187,7 +187,9 @@ def _allocate(model: gguf_io.Model, plan: list[Step], opts: Options, s: Settings
         plan, a = allocate.fit(infos, model.arch, opts, target, h + slack, cost, estimate)
     except ValueError as e:
         raise UserError(f"--target-{'size' if s.target_size else 'bpw'}: {e}") from None
-    return plan, replace(a, planned=gguf_io.padded(a.planned - slack, model.alignment))  # the file's size
+    # the header of the plan chosen: fewer rescaled layers than the first plan's shorten it
+    size = _header_bytes(model, plan, s, imat, calib) + sum(map(cost, plan))
+    return plan, replace(a, planned=gguf_io.padded(size, model.alignment))  # the file's size
 
 
 def _factors(model: gguf_io.Model, plan: list[Step], s: Settings) -> dict[str, np.float32]:
