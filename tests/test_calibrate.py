@@ -8,7 +8,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from helpers import logits, rel_rmse, run_cli, tensors, tiny_model
-from nvfp4q import calibration, kernels
+from nvfp4q import calibration
 
 CTX = 32
 TEXT = " ".join(f"the {w} of the {v} was {n} times the old one." for n, (w, v) in enumerate(
