@@ -160,3 +160,20 @@ def test_bad_targets_fail_cleanly(model, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     r = run_cli("quantize", model, out, "--target-size", "10M", "--split-max-tensors", "5")
     assert r.returncode == 1 and "one output file" in r.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma3", "tiny-moe"])
+def test_planned_size_is_the_file_size_with_rescaled_layers_and_experts(preset, tmp_path):
+    # gemma3: a rescaled layer whose weights are not all NVFP4 any more is not rescaled, and
+    # the header loses its factor; MoE: 3D expert tensors and their sidecars
+    from scripts.make_synthetic_model import PRESETS, write
+
+    src = write(tmp_path / f"{preset}.gguf", PRESETS[preset])[0]
+    today = _dry(src)
+    for extra in (0.05, 0.2):
+        target = int(today["tensor_bytes"] * (1 + extra))
+        out = tmp_path / f"{extra}.gguf"
+        plan = _dry(src, "--target-size", str(target))
+        assert {t["to"] for t in plan["tensors"]} - {"NVFP4", "F32"}, "nothing was upgraded"
+        doc = json.loads(run_cli("quantize", src, out, "--target-size", str(target), "--json", "-q", check=True).stdout)
+        assert out.stat().st_size == plan["allocation"]["planned_bytes"] == doc["bytes_out"] <= target
