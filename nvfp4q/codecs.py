@@ -20,6 +20,7 @@ CODECS = {
     T.NVFP4: Codec(kernels.quantize_nvfp4, kernels.dequantize_nvfp4),
     T.Q8_0: Codec(lambda x, *_: kernels.quantize_q8_0(x), kernels.dequantize_q8_0),
     T.Q5_0: Codec(lambda x, *_: kernels.quantize_q5_0(x), kernels.dequantize_q5_0),
+    T.Q5_1: Codec(lambda x, *_: kernels.quantize_q5_1(x), kernels.dequantize_q5_1),
     T.F16: Codec(lambda x, *_: x.astype(np.float16), lambda raw: raw.view(np.float16)),
     T.BF16: Codec(lambda x, *_: gguf_io.f32_to_bf16(x), lambda raw: kernels.bf16_to_f32(raw.view(np.uint16))),
     T.F32: Codec(lambda x, *_: x.astype(np.float32), lambda raw: raw.view(np.float32)),

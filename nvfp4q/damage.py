@@ -35,10 +35,12 @@ DEPTH = 0.65
 # llama.cpp multiplies quantized weights with activations quantized to 8 bits: a floor of error
 # every quantized type pays and the source's float type does not (Q8_0 blocks alone: 1-1.5e-4).
 ACTIVATION_ERROR = 1e-4
-# What the relative error misses between types, from the Q5_0 arms (all blocks, or the embedding,
-# in Q5_0; docs/allocation.md): a block's Q5_0 error hurts 1.38-1.56x what NVFP4's equal error
-# does, an embedding's 0.39-0.51x (its damage grows faster than linearly in the error).
-TYPE_WEIGHT = {(T.Q5_0, "block"): 1.47, (T.Q5_0, "embedding"): 0.45}
+# What the relative error misses between types, from arms with all blocks, or the embedding, in
+# Q5_0 or Q5_1 (ggml's reference quantizers, which do not use the imatrix; docs/allocation.md):
+# in a block their error hurts 1.4-1.6x what the same error of NVFP4 searched with the imatrix
+# does, in the embedding 0.4-0.55x (its damage grows faster than linearly in the error).
+TYPE_WEIGHT = {(T.Q5_0, "block"): 1.47, (T.Q5_0, "embedding"): 0.45,
+               (T.Q5_1, "block"): 1.51, (T.Q5_1, "embedding"): 0.47}
 _EMBEDDINGS = ("token_embd", "output")
 # kinds no development model has, read as the measured kind they resemble
 _ALIASES = {"attn_qkv": "attn_v", "attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv_a_mqa": "attn_k",

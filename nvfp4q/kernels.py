@@ -375,6 +375,36 @@ def dequantize_q8_0(blocks):
 
 
 Q5_0_BYTES = 22  # fp16 d, 32 fifth bits, 16 bytes of low nibbles
+Q5_1_BYTES = 24  # fp16 d, fp16 m, 32 fifth bits, 16 bytes of low nibbles
+
+
+def _blocks_of_32(x, name):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    if cols % Q8_0_BLOCK:
+        raise ValueError(f"{name} needs a multiple of {Q8_0_BLOCK} columns, got {cols}")
+    return x, rows, cols // Q8_0_BLOCK
+
+
+@njit(cache=True, inline="always")
+def _pack5(out, o, q0, q1, j, qh):
+    """(out: one row's bytes) Low nibbles of elements j and j + 16 in one byte at o + j; their fifth bits into qh."""
+    out[o + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+    return qh | (np.uint32((q0 >> 4) & 1) << np.uint32(j)) | (np.uint32((q1 >> 4) & 1) << np.uint32(j + 16))
+
+
+@njit(cache=True, inline="always")
+def _store_qh(out, o, qh):
+    for k in range(4):
+        out[o + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+def _fifth_bit_values(b, qh_at):
+    """The 5-bit values of Q5_0/Q5_1 blocks [rows, nb, bytes]: qh at qh_at, nibbles after it."""
+    qh = b[:, :, qh_at:qh_at + 4].copy().view(np.uint32)
+    nib = b[:, :, qh_at + 4:]
+    lo = np.concatenate([nib & 0x0F, nib >> 4], axis=2).astype(np.int32)
+    return lo | (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32) << 4)
 
 
 @njit(cache=True, parallel=True)
@@ -399,21 +429,14 @@ def _encode_q5_0(x, d_out, out):
             for j in range(Q8_0_BLOCK // 2):
                 q0 = min(31, np.int32(x[r, off + j] * inv + np.float32(16.5)))
                 q1 = min(31, np.int32(x[r, off + 16 + j] * inv + np.float32(16.5)))
-                out[r, o + 6 + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
-                qh |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
-                qh |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
-            for k in range(4):
-                out[r, o + 2 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+                qh = _pack5(out[r], o + 6, q0, q1, j, qh)
+            _store_qh(out[r], o + 2, qh)
 
 
 def quantize_q5_0(x):
     """float32 [rows, cols] -> uint8 [rows, cols // 32 * 22] Q5_0 blocks, as ggml's reference
     quantizer writes them (ggml's own imatrix path searches the scale; this one does not)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, cols = x.shape
-    if cols % Q8_0_BLOCK:
-        raise ValueError(f"Q5_0 needs a multiple of {Q8_0_BLOCK} columns, got {cols}")
-    nb = cols // Q8_0_BLOCK
+    x, rows, nb = _blocks_of_32(x, "Q5_0")
     d = np.empty((rows, nb), np.float32)
     out = np.empty((rows, nb * Q5_0_BYTES), np.uint8)
     _encode_q5_0(x, d, out)
@@ -426,10 +449,55 @@ def dequantize_q5_0(blocks):
     rows = blocks.shape[0]
     b = np.ascontiguousarray(blocks, np.uint8).reshape(rows, -1, Q5_0_BYTES)
     d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
-    qh = b[:, :, 2:6].copy().view(np.uint32)
-    lo = np.concatenate([b[:, :, 6:] & 0x0F, b[:, :, 6:] >> 4], axis=2).astype(np.int32)
-    hi = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
-    return (((lo | (hi << 4)) - 16) * d).astype(np.float32).reshape(rows, -1)
+    return ((_fifth_bit_values(b, 2) - 16) * d).astype(np.float32).reshape(rows, -1)
+
+
+@njit(cache=True, parallel=True)
+def _encode_q5_1(x, d_out, m_out, out):
+    """ggml's quantize_row_q5_1_ref: d = (max - min) / 31, values (x - min) / d rounded by
+    truncating after adding 0.5."""
+    nblocks = x.shape[1] // Q8_0_BLOCK
+    for r in prange(x.shape[0]):
+        for b in range(nblocks):
+            off = b * Q8_0_BLOCK
+            lo = np.float32(np.inf)
+            hi = np.float32(-np.inf)
+            for j in range(Q8_0_BLOCK):
+                lo = min(lo, x[r, off + j])
+                hi = max(hi, x[r, off + j])
+            d = (hi - lo) / np.float32(31.0)
+            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+            d_out[r, b] = d
+            m_out[r, b] = lo
+            qh = np.uint32(0)
+            o = b * Q5_1_BYTES
+            for j in range(Q8_0_BLOCK // 2):
+                q0 = np.int32((x[r, off + j] - lo) * inv + np.float32(0.5))
+                q1 = np.int32((x[r, off + 16 + j] - lo) * inv + np.float32(0.5))
+                qh = _pack5(out[r], o + 8, q0, q1, j, qh)
+            _store_qh(out[r], o + 4, qh)
+
+
+def quantize_q5_1(x):
+    """float32 [rows, cols] -> uint8 [rows, cols // 32 * 24] Q5_1 blocks, as ggml's reference
+    quantizer writes them."""
+    x, rows, nb = _blocks_of_32(x, "Q5_1")
+    d, m = np.empty((rows, nb), np.float32), np.empty((rows, nb), np.float32)
+    out = np.empty((rows, nb * Q5_1_BYTES), np.uint8)
+    _encode_q5_1(x, d, m, out)
+    blocks = out.reshape(rows, nb, Q5_1_BYTES)
+    blocks[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    blocks[:, :, 2:4] = m.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+    return out
+
+
+def dequantize_q5_1(blocks):
+    """uint8 [rows, nbytes] Q5_1 blocks -> float32 [rows, nbytes // 24 * 32]."""
+    rows = blocks.shape[0]
+    b = np.ascontiguousarray(blocks, np.uint8).reshape(rows, -1, Q5_1_BYTES)
+    d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
+    m = b[:, :, 2:4].copy().view(np.float16).astype(np.float32)
+    return (_fifth_bit_values(b, 4) * d + m).astype(np.float32).reshape(rows, -1)
 
 
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)

@@ -12,10 +12,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from nvfp4q import global_scale
 
 # Output types offered on the command line (llama-quantize's spelling, lower case).
-TYPE_NAMES = {"nvfp4": T.NVFP4, "q5_0": T.Q5_0, "q8_0": T.Q8_0, "f16": T.F16, "bf16": T.BF16, "f32": T.F32}
+TYPE_NAMES = {"nvfp4": T.NVFP4, "q5_0": T.Q5_0, "q5_1": T.Q5_1, "q8_0": T.Q8_0, "f16": T.F16, "bf16": T.BF16, "f32": T.F32}
 FLOAT_SOURCES = (T.F32, T.F16, T.BF16)
 # When a row length does not fit the block size, the next type in the chain is tried.
-FALLBACK = {T.NVFP4: T.Q8_0, T.Q5_0: T.F16, T.Q8_0: T.F16}
+FALLBACK = {T.NVFP4: T.Q8_0, T.Q5_0: T.F16, T.Q5_1: T.F16, T.Q8_0: T.F16}
 
 TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")
 OUTPUT = "output.weight"
@@ -160,7 +160,7 @@ def candidates(t: TensorInfo) -> list[T]:
     """The allocator's types for a tensor, smallest first: those whose block fits its rows, and
     the source's own float type (F16 for F32 sources), which costs nothing in quality."""
     lossless = t.type if t.type in (T.F16, T.BF16) else T.F16
-    return [q for q in (T.NVFP4, T.Q5_0, T.Q8_0) if _fits(t.shape[0], q)] + [lossless]
+    return [q for q in (T.NVFP4, T.Q5_0, T.Q5_1, T.Q8_0) if _fits(t.shape[0], q)] + [lossless]
 
 
 def plan_tensor(t: TensorInfo, arch: str, opts: Options, has_bias: bool = False) -> Step:
@@ -219,7 +219,8 @@ def file_type_of(plan: list[Step]) -> int:
     types = {s.type for s in plan if len(s.tensor.shape) >= 2}
     if T.NVFP4 in types:
         return LlamaFileType.MOSTLY_NVFP4
-    for qtype, ftype in ((T.Q5_0, LlamaFileType.MOSTLY_Q5_0), (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    for qtype, ftype in ((T.Q5_0, LlamaFileType.MOSTLY_Q5_0), (T.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+                         (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
                          (T.BF16, LlamaFileType.MOSTLY_BF16),
                          (T.F16, LlamaFileType.MOSTLY_F16)):
         if qtype in types:

@@ -25,10 +25,10 @@ ROUNDING_CACHE = 4  # inputs whose rounding factors are kept: the distinct input
 SLAB_BYTES = 64 << 20  # float32 rows converted at a time: bounds memory for huge tensors
 QUANTIZATION_VERSION = 2
 # Below what |w| an output type stays finite: F16 rounds 65520 and up to inf, a Q8_0 block stores
-# its scale amax / 127 as F16 (Q5_0: amax / 16), BF16 rounds 0x7F7F8000 and up to inf. NVFP4's
-# scale codes saturate.
+# its scale amax / 127 as F16 (Q5_0: amax / 16; Q5_1: the block's minimum itself), BF16 rounds
+# 0x7F7F8000 and up to inf. NVFP4's scale codes saturate.
 _F16_INF = 65520.0
-FINITE_BELOW = {T.F16: _F16_INF, T.Q8_0: _F16_INF * 127, T.Q5_0: _F16_INF * 16, T.BF16: float(np.uint32(0x7F7F8000).view(np.float32))}
+FINITE_BELOW = {T.F16: _F16_INF, T.Q8_0: _F16_INF * 127, T.Q5_0: _F16_INF * 16, T.Q5_1: _F16_INF, T.BF16: float(np.uint32(0x7F7F8000).view(np.float32))}
 
 
 @dataclass(frozen=True)

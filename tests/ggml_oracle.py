@@ -9,6 +9,7 @@ import numpy as np
 NVFP4 = 40
 Q8_0 = 8
 Q5_0 = 6
+Q5_1 = 7
 
 
 class _TypeTraits(ctypes.Structure):

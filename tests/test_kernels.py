@@ -83,12 +83,14 @@ def test_q8_0_rounds_half_away_from_zero():
 
 
 @pytest.mark.parametrize("name", DATA)
-def test_q5_0_is_byte_identical_to_ggml(name):
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
+def test_q5_is_byte_identical_to_ggml(name, qtype):
     x = DATA[name]
-    ours = K.quantize_q5_0(x)
-    assert np.array_equal(ours, ggml.quantize(ggml.Q5_0, x))
-    assert np.array_equal(K.dequantize_q5_0(ours), ggml.dequantize(ggml.Q5_0, ours, x.shape[1]))
-    assert np.array_equal(K.dequantize_q5_0(ours), gguf_dequantize(ours, GGMLQuantizationType.Q5_0))
+    quantize, dequantize = getattr(K, f"quantize_{qtype.lower()}"), getattr(K, f"dequantize_{qtype.lower()}")
+    ours = quantize(x)
+    assert np.array_equal(ours, ggml.quantize(getattr(ggml, qtype), x))
+    assert np.array_equal(dequantize(ours), ggml.dequantize(getattr(ggml, qtype), ours, x.shape[1]))
+    assert np.array_equal(dequantize(ours), gguf_dequantize(ours, GGMLQuantizationType[qtype]))
 
 
 def test_q5_0_truncates_after_adding_16_5():
