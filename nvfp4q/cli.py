@@ -112,7 +112,7 @@ def quantize(
     keep_split: Annotated[bool, typer.Option(help="One output part per input part (split input).")] = False,
     split_max_size: Annotated[Optional[str], typer.Option(help="Split the output into parts of at most this size (e.g. 48G, 500M).")] = None,
     split_max_tensors: Annotated[int, typer.Option(min=0, help="Split the output into parts of at most N tensors.")] = 0,
-    target_size: Annotated[Optional[str], typer.Option(help="Choose each unpinned tensor's type (NVFP4, Q5_0, Q8_0 or F16) for the least estimated damage with the output at most this size (e.g. 230M, 18G; headers included). See docs/allocation.md.")] = None,
+    target_size: Annotated[Optional[str], typer.Option(help="Choose each unpinned tensor's type (NVFP4, Q5_0, Q5_1, Q8_0 or F16) for the least estimated damage with the output at most this size (e.g. 230M, 18G; headers included). See docs/allocation.md.")] = None,
     target_bpw: Annotated[Optional[float], typer.Option(min=0.01, help="As --target-size, for this many bits per weight (output bytes * 8 / weights, as the summary's).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan and totals, write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,

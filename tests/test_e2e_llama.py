@@ -54,3 +54,23 @@ def test_output_metadata(tiny):
     assert r.get_field("nvfp4q.search").contents() == 12
     assert r.get_field("general.name").contents() == "nvfp4q synthetic llama"
     assert len(r.get_field("tokenizer.ggml.tokens").contents()) == 320
+
+
+def test_q5_tensors_are_stock_ggml_bytes_and_run(tmp_path):
+    from helpers import run_cli, tiny_model
+
+    src = tiny_model(tmp_path / "m")
+    out = tmp_path / "q5.gguf"
+    run_cli("quantize", src, out, "--tensor-type", "attn_q=q5_0", "--tensor-type", "ffn_up=q5_1",
+            "--token-embedding-type", "q5_1", "-q", check=True)
+    source, ours = tensors(src), tensors(out)
+    checked = {T.Q5_0: 0, T.Q5_1: 0}
+    for name, t in ours.items():
+        if t.tensor_type in checked:
+            rows = np.asarray(source[name].data, np.float32).reshape(-1, int(t.shape[0]))
+            qtype = ggml.Q5_0 if t.tensor_type == T.Q5_0 else ggml.Q5_1
+            assert np.array_equal(np.asarray(t.data).reshape(rows.shape[0], -1), ggml.quantize(qtype, rows)), name
+            checked[t.tensor_type] += 1
+    assert checked[T.Q5_0] >= 2 and checked[T.Q5_1] >= 3
+    assert run_cli("inspect", out, "--verify").returncode == 0
+    assert rel_rmse(logits(src), logits(out)) < 0.3
