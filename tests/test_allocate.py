@@ -140,6 +140,15 @@ def _inspect(path) -> list[dict]:
     return json.loads(run_cli("inspect", path, "--json", "--tensors", ".", check=True).stdout)["tensors"]
 
 
+def test_pins_on_the_command_line_are_honoured(model):
+    default = _dry(model)
+    plan = _dry(model, "--target-size", str(int(default["tensor_bytes"] * 1.3)), "--token-embedding-type", "nvfp4",
+                "--tensor-type", "ffn_gate=nvfp4")
+    pinned = [t for t in plan["tensors"] if t["name"] == "token_embd.weight" or "ffn_gate" in t["name"]]
+    assert pinned and all(t["to"] == "NVFP4" and t["damage"] is None for t in pinned)
+    assert any(t["to"] != "NVFP4" for t in plan["tensors"] if t["damage"] is not None)
+
+
 def test_target_bpw_is_the_size_it_names(model):
     default = _dry(model)
     bpw = 8 * (default["tensor_bytes"] + 50_000) / default["weights"]
