@@ -28,7 +28,8 @@ QUANTIZATION_VERSION = 2
 # its scale amax / 127 as F16 (Q5_0: amax / 16; Q5_1: the block's minimum itself), BF16 rounds
 # 0x7F7F8000 and up to inf. NVFP4's scale codes saturate.
 _F16_INF = 65520.0
-FINITE_BELOW = {T.F16: _F16_INF, T.Q8_0: _F16_INF * 127, T.Q5_0: _F16_INF * 16, T.Q5_1: _F16_INF, T.BF16: float(np.uint32(0x7F7F8000).view(np.float32))}
+FINITE_BELOW = {T.F16: _F16_INF, T.Q8_0: _F16_INF * 127, T.Q5_0: _F16_INF * 16, T.Q5_1: _F16_INF,
+                T.BF16: float(np.uint32(0x7F7F8000).view(np.float32))}
 
 
 @dataclass(frozen=True)
@@ -162,15 +163,10 @@ def _allocate(model: gguf_io.Model, plan: list[Step], opts: Options, s: Settings
     target = s.target_size or int(s.target_bpw * sum(int(np.prod(i.shape)) for i in infos) / 8)
     tensors = {t.info.name: t for t in model.tensors}
     blocks = damage.n_blocks(list(tensors))
-    mode = kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
 
     def estimate(info: TensorInfo, types: list[T]) -> dict[T, float]:
-        t = tensors[info.name]
         entry = _entry(calib, imat, info) if _wants_importance(info.name, s) else None
-        imp = entry and [_importance(v, s) if seen else None for v, seen in zip(entry.values, entry.seen)]
-        err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], info.shape, imp,
-                                     [q for q in types if q != info.type], s.search, mode)
-        t.release()
+        err = tensor_errors(tensors[info.name], entry, [q for q in types if q != info.type], s)
         return damage.estimate(info.name, blocks, {q: err.get(q, 0.0) for q in types}, info.type)
 
     h = _header_bytes(model, plan, s, imat, calib)
@@ -226,12 +222,24 @@ def check_paths(sources: list[Path], outs: list[Path], overwrite: bool) -> None:
             raise UserError(f"{out.parent}: no such directory")
 
 
+def tensor_errors(t: gguf_io.SourceTensor, entry: imatrix.Entry | None, types: list[T], s: Settings) -> dict[T, float]:
+    """damage.relative_errors of a source tensor, with the importance and kernels its run would use."""
+    imp = entry and [_importance(v, s) if seen else None for v, seen in zip(entry.values, entry.seen)]
+    err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], t.info.shape, imp, types,
+                                 s.search, _mode(s))
+    t.release()
+    return err
+
+
+def _mode(s: Settings) -> int:
+    return kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
+
+
 def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings,
             fed: tuple | None = None) -> np.ndarray:
-    mode = kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
     if fed is not None:
-        return rounding.quantize_nvfp4(rows, fed[0], importance, s.search, mode, fed[1], s.feedback)
-    return codecs.encode(step.type, rows, importance, s.search, mode)
+        return rounding.quantize_nvfp4(rows, fed[0], importance, s.search, _mode(s), fed[1], s.feedback)
+    return codecs.encode(step.type, rows, importance, s.search, _mode(s))
 
 
 def _slabs(t: gguf_io.SourceTensor, first: int, stop: int, slab: int, s: Settings):

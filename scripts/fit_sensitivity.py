@@ -19,26 +19,20 @@ from collections import defaultdict
 from pathlib import Path
 
 
-from nvfp4q import damage, gguf_header, gguf_io, imatrix, kernels, plan
-from nvfp4q.quantize import Settings, _slabs
+from nvfp4q import damage, gguf_header, gguf_io, imatrix, plan
+from nvfp4q.quantize import Settings, tensor_errors
 
 
 def relative_errors(model_path: Path, imatrix_path: Path) -> dict[str, dict[str, float]]:
     model = gguf_io.open_model(model_path)
     imat = imatrix.load(imatrix_path)
-    s = Settings()
     out = {}
     for t in model.tensors:
         info = t.info
-        if not plan.allows_quantization(info.name, len(info.shape), model.arch, plan.Options()):
-            continue
-        entry = imatrix.for_tensor(imat, info.name, info.shape) if info.name in imat.entries else None
-        imp = entry and [v if seen else None for v, seen in zip(entry.values, entry.seen)]
-        types = [q for q in plan.candidates(info) if q != info.type]
-        err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], info.shape, imp,
-                                     types, s.search, kernels.WEIGHT_RAW)
-        out[info.name] = {q.name: e for q, e in err.items()}  # JSON-ready keys
-        t.release()
+        if plan.allows_quantization(info.name, len(info.shape), model.arch, plan.Options()):
+            entry = imatrix.for_tensor(imat, info.name, info.shape) if info.name in imat.entries else None
+            err = tensor_errors(t, entry, [q for q in plan.candidates(info) if q != info.type], Settings())
+            out[info.name] = {q.name: e for q, e in err.items()}  # JSON-ready keys
     return out
 
 
