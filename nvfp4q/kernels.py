@@ -119,20 +119,35 @@ def _term(aj, wj, d):
     return (wj * diff) * diff
 
 
-@njit(cache=True, inline="always")
-def _accumulate(a, w, j0, j1, scales, err, n):
-    """err[c] += w_j (a_j - q_j)^2 for j in [j0, j1), for the first n candidate scales.
+# The midpoints of MAGS and the steps between its values: the value nearest a at scale d is
+# the sum of the steps times d whose midpoint times d a passed (all exact, as in _term).
+MIDPOINTS = np.array([0.5, 1.5, 2.5, 3.5, 5, 7, 10], np.float32)
+STEPS = np.array([1, 1, 1, 1, 2, 2, 4], np.float32)
 
-    Candidates are the vector lanes, so each lane's sum keeps the defined j order while
-    the work is SIMD-wide.
+
+@njit(cache=True, inline="always")
+def _sums(a, w, j0, j1, tab, err):
+    """err[l] += w (a - q)^2 over elements [j0, j1) of every lane l, at the scale whose
+    midpoints and steps are tab[:7, l] and tab[7:, l] (_tabulate).
+
+    Lanes are independent sub-blocks (element j of lane l at [j, l]), so each lane's sum
+    keeps the defined j order while the work is SIMD-wide and free of dependency chains.
     """
-    if j0 == 0:
-        for c in range(n):
-            err[c] = np.float32(0.0)
     for j in range(j0, j1):
-        aj, wj = a[j], w[j]
-        for c in range(n):
-            err[c] += _term(aj, wj, scales[c])
+        for lane in range(err.shape[0]):
+            aj = a[j, lane]
+            q = np.float32(0.0)
+            for i in range(7):
+                q += tab[7 + i, lane] if aj > tab[i, lane] else np.float32(0.0)
+            diff = aj - q
+            err[lane] += (w[j, lane] * diff) * diff
+
+
+@njit(cache=True, inline="always")
+def _tabulate(d, tab):
+    for i in range(7):
+        for lane in range(d.shape[0]):
+            tab[i, lane], tab[7 + i, lane] = MIDPOINTS[i] * d[lane], STEPS[i] * d[lane]
 
 
 @njit(cache=True, inline="always")
@@ -145,117 +160,136 @@ def _scan_error(x, w, d):
     return s
 
 
-LANES = 8
+LANES = 64  # sub-blocks searched together
 
 
 @njit(cache=True, inline="always")
-def _lanes(n):
-    return (n + LANES - 1) // LANES * LANES
+def lane_scratch(lanes):
+    """The work space search_codes needs for that many lanes: sub-blocks in (x, w), codes out,
+    and what lies between."""
+    return (np.zeros((NVFP4_SUB, lanes), np.float32), np.zeros((NVFP4_SUB, lanes), np.float32),
+            np.zeros(lanes, np.int64), np.empty((NVFP4_SUB, lanes), np.float32), np.empty((4, lanes), np.float32),
+            np.empty((4, lanes), np.int64), np.empty((14, lanes), np.float32))
 
 
 @njit(cache=True, inline="always")
-def _best(err, codes, n, best_err, best_code):
-    """Lowest error, ties to the lower code."""
-    for k in range(n):
-        if err[k] < best_err or (err[k] == best_err and codes[k] < best_code):
-            best_err, best_code = err[k], int(codes[k])
+def search_codes(scratch, search):
+    """Scale codes of LANES sub-blocks at once: lane l is x[:, l] with weights w[:, l], its
+    code goes to codes[l] and its largest |x| to f[2, l] (x, w, codes, a, f, ii, tab = scratch).
+
+    Per lane: ggml's amax / 6 encoded (the only code when search is 0), then the best of the
+    window around it (docs/kernels.md), pruned without changing it. Codes are tried at
+    offsets 0, -1, -2, ... from base until every lane's clipped largest element alone costs
+    more than its best so far (that term only grows further down), then 1, 2, ... Each
+    offset sums the first 8 elements of every lane, and the last 8 only when some lane's
+    partial sum (which never decreases) is still <= its best.
+    """
+    x, w, codes, a, f, ii, tab = scratch
+    err, best, amax, d = f[0], f[1], f[2], f[3]
+    base, jmax, lo, hi = ii[0], ii[1], ii[2], ii[3]
+    n = x.shape[1]
+    for lane in range(n):
+        amax[lane], jmax[lane], best[lane] = np.float32(0.0), 0, np.float32(np.inf)
+    for j in range(NVFP4_SUB):
+        for lane in range(n):
+            v = abs(x[j, lane])
+            a[j, lane] = v
+            if amax[lane] < v:  # the first maximum
+                amax[lane], jmax[lane] = v, j
+    for lane in range(n):
+        b = scale_encode(amax[lane] / np.float32(6.0))
+        base[lane], codes[lane] = b, b
+        lo[lane], hi[lane] = min(b, max(1, b - search)), min(MAX_CODE, b + search)
+        if amax[lane] > SCALES[lo[lane]] * EXACT_RATIO:  # rare: tiny scales in a wide window
+            if search > 0:
+                codes[lane] = _scan_search(x[:, lane], w[:, lane], lo[lane], hi[lane])
+            lo[lane], hi[lane] = 1, 0  # an empty window
+        elif amax[lane] == np.float32(0.0):
+            lo[lane], hi[lane] = 1, 0  # an empty window
+    o = 0
+    while search > 0:
+        live = False
+        for lane in range(n):
+            c = base[lane] + o
+            d[lane] = SCALES[min(max(c, 0), MAX_CODE)]
+            diff = amax[lane] - F12 * d[lane]
+            if o < 0 and c >= lo[lane] and diff > 0 and (w[jmax[lane], lane] * diff) * diff > best[lane]:
+                lo[lane] = c + 1
+            live |= (lo[lane] <= c) & (c <= hi[lane])
+        if live:
+            _tabulate(d, tab)
+            for lane in range(n):
+                err[lane] = np.float32(0.0)
+            for j0 in range(0, NVFP4_SUB, 8):
+                _sums(a, w, j0, j0 + 8, tab, err)
+                go = False
+                for lane in range(n):
+                    go |= err[lane] <= best[lane]
+                if not go:
+                    break
+            if go:
+                for lane in range(n):
+                    c = base[lane] + o
+                    if lo[lane] <= c <= hi[lane] and (err[lane] < best[lane] or (
+                            err[lane] == best[lane] and c < codes[lane])):
+                        best[lane], codes[lane] = err[lane], c
+        if o <= 0 and live and o > -search:
+            o -= 1
+        elif o <= 0:
+            o = 1
+        elif live and o < search:
+            o += 1
+        else:
+            break
+
+
+@njit(cache=True)
+def _scan_search(x, w, first, last):
+    best_err, best_code = np.float32(np.inf), MAX_CODE + 1
+    for c in range(first, last + 1):
+        e = _scan_error(x, w, SCALES[c])
+        if e < best_err:
+            best_err, best_code = e, c
     return best_code
 
 
 @njit(cache=True, inline="always")
-def _search(x, a, w, amax, jmax, base, search, scratch):
-    """Best code of the window around base (docs/kernels.md), pruned without changing it.
-
-    Base's error E is computed first. Codes below base whose clipped largest element alone
-    costs more than E are dropped (that term only grows further down). The others are
-    summed over the first 8 elements as vector lanes; only those whose partial sum (which
-    never decreases) is still <= E finish the last 8.
-    """
-    first = min(base, max(1, base - search))
-    last = min(MAX_CODE, base + search)
-    err, cand, codes = scratch[0], scratch[1], scratch[2]
-    if amax > SCALES[first] * EXACT_RATIO:  # rare: tiny scales in a wide window
-        n = last - first + 1
-        for c in range(n):
-            codes[c] = first + c
-            err[c] = _scan_error(x, w, SCALES[first + c])
-        return _best(err, codes, n, np.float32(np.inf), MAX_CODE + 1)
-    d = SCALES[base]
-    for j in range(NVFP4_SUB):  # terms as vector lanes, then their sum in the defined order
-        err[j] = _term(a[j], w[j], d)
-    bound = np.float32(0.0)
-    for j in range(NVFP4_SUB):
-        bound += err[j]
-    while first < base:
-        diff = amax - F12 * SCALES[first]
-        if not (diff > 0 and (w[jmax] * diff) * diff > bound):
-            break
-        first += 1
-    m = 0
-    for c in range(first, last + 1):
-        if c != base:
-            cand[m], codes[m] = SCALES[c], c
-            m += 1
-    for half in range(2):
-        for k in range(m, _lanes(m)):  # whole vectors: a scalar remainder loop would dominate
-            cand[k] = d
-        _accumulate(a, w, half * 8, half * 8 + 8, cand, err, _lanes(m))
-        if half == 0:
-            kept = 0
-            for k in range(m):
-                if err[k] <= bound:
-                    cand[kept], err[kept], codes[kept] = cand[k], err[k], codes[k]
-                    kept += 1
-            m = kept
-            if m == 0:
-                return base
-    return _best(err, codes, m, bound, base)
+def _nibbles(x, d, amax, out, o):
+    """A sub-block's 16 nibbles at scale d, packed into out[o:o + 8]."""
+    if amax > d * EXACT_RATIO:
+        for j in range(8):
+            out[o + j] = _nearest(x[j], d) | (_nearest(x[j + 8], d) << 4)
+    else:
+        for j in range(8):  # branch-free: vectorizes
+            out[o + j] = _signed_level(abs(x[j]), x[j], d) | (_signed_level(abs(x[j + 8]), x[j + 8], d) << 4)
 
 
-@njit(cache=True, inline="always")
-def search_scratch():
-    """The work space _code needs, allocated once per row (or tile of rows)."""
-    return np.empty(NVFP4_SUB, np.float32), np.empty((3, _lanes(MAX_CODE + 2)), np.float32)
-
-
-@njit(cache=True, inline="always")
-def _code(x, w, search, a, scratch):
-    """A sub-block's scale code and largest |x| (a receives |x|): ggml's amax / 6 encoded, then
-    the best of the search window around it."""
-    amax = np.float32(0.0)
-    jmax = 0
-    for j in range(NVFP4_SUB):
-        a[j] = abs(x[j])
-        if amax < a[j]:
-            amax = a[j]
-            jmax = j
-    base = scale_encode(amax / np.float32(6.0))
-    if search > 0 and amax > np.float32(0.0):
-        return _search(x, a, w, amax, jmax, base, search, scratch), amax
-    return base, amax
+ROWS_PER_TASK = 16  # rows one thread encodes with one work space
 
 
 @njit(cache=True)
-def _encode_row(x, w, search, out):
-    """One row of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes)."""
-    nblocks = x.shape[0] // NVFP4_BLOCK
-    a, scratch = search_scratch()
-    nib = np.empty(NVFP4_SUB, np.uint8)
-    for b in range(nblocks):
-        ob = b * NVFP4_BYTES
-        for s in range(4):
-            off = b * NVFP4_BLOCK + s * NVFP4_SUB
-            code, amax = _code(x[off:off + NVFP4_SUB], w[off:off + NVFP4_SUB], search, a, scratch)
-            d = SCALES[code]
-            out[ob + s] = code
-            if amax > d * EXACT_RATIO:
-                for j in range(NVFP4_SUB):
-                    nib[j] = _nearest(x[off + j], d)
-            else:
-                for j in range(NVFP4_SUB):  # branch-free: vectorizes
-                    nib[j] = _signed_level(a[j], x[off + j], d)
-            for j in range(8):
-                out[ob + 4 + s * 8 + j] = nib[j] | (nib[j + 8] << 4)
+def _encode_rows(x, importance, search, weighting, out, r0, r1):
+    """Rows [r0, r1) of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes per row)."""
+    scratch = lane_scratch(LANES)
+    xs, ws, codes, _, f, _, _ = scratch
+    w = np.empty(x.shape[1], np.float32)
+    nsub = x.shape[1] // NVFP4_SUB
+    for r in range(r0, r1):
+        _row_weights(x[r], importance, weighting, w)
+        for s0 in range(0, nsub, LANES):
+            n = min(LANES, nsub - s0)
+            for j in range(NVFP4_SUB):
+                for lane in range(LANES):
+                    k = (s0 + lane) * NVFP4_SUB + j
+                    xs[j, lane] = x[r, k] if lane < n else np.float32(0.0)
+                    ws[j, lane] = w[k] if lane < n else np.float32(0.0)
+            search_codes(scratch, search)
+            for lane in range(n):
+                s = s0 + lane
+                ob = s // 4 * NVFP4_BYTES
+                out[r, ob + s % 4] = codes[lane]
+                _nibbles(x[r, s * NVFP4_SUB:(s + 1) * NVFP4_SUB], SCALES[codes[lane]], f[2, lane], out[r],
+                         ob + 4 + s % 4 * 8)
 
 
 @njit(cache=True)
@@ -276,10 +310,9 @@ def _row_weights(x, importance, weighting, w):
 
 @njit(cache=True, parallel=True)
 def _encode_nvfp4(x, importance, search, weighting, out):
-    for r in prange(x.shape[0]):
-        w = np.empty(x.shape[1], dtype=np.float32)
-        _row_weights(x[r], importance, weighting, w)
-        _encode_row(x[r], w, search, out[r])
+    rows = x.shape[0]
+    for t in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _encode_rows(x, importance, search, weighting, out, t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK))
 
 
 def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW):

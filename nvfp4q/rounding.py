@@ -16,8 +16,8 @@ import numpy as np
 from numba import njit, prange
 
 from nvfp4q.calibration import Moments
-from nvfp4q.kernels import (EXACT_RATIO, KVALUES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _code,
-                            _nearest, _row_weights, _signed_level, scale_encode, search_scratch)
+from nvfp4q.kernels import (EXACT_RATIO, KVALUES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES,
+                            _nearest, _row_weights, _signed_level, lane_scratch, scale_encode, search_codes)
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: GPTQ's usual dampening
 # The off-diagonal of H is multiplied by 1 - SHRINK: correlations measured on the calibration text
@@ -159,7 +159,7 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
         imp = np.empty((n, cols), np.float32)
         for i in range(n):
             _row_weights(x[r0 + i], importance, weighting, imp[i])
-        a, scratch = search_scratch()
+        scratch = lane_scratch(TILE)  # the tile's rows are the search's lanes
         d = np.empty(n, np.float32)
         err = np.empty((n, NVFP4_BLOCK), np.float32)
         e16 = np.empty(NVFP4_SUB, np.float64)
@@ -171,11 +171,17 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
             for jb in range(NVFP4_BLOCK):
                 j, s, k = j0 + jb, jb // NVFP4_SUB, jb % NVFP4_SUB
                 if k == 0:
+                    if hloc.shape[0] == 0:
+                        for m in range(NVFP4_SUB):
+                            for i in range(TILE):
+                                scratch[0][m, i] = w[i, j + m] if i < n else np.float32(0.0)
+                                scratch[1][m, i] = imp[i, j + m] if i < n else np.float32(0.0)
+                        search_codes(scratch, search)
                     for i in range(n):
                         if hloc.shape[0] > 0:
                             code = _local_code(w[i, j:j + NVFP4_SUB], hloc[j // NVFP4_SUB], search, e16)
                         else:
-                            code, _ = _code(w[i, j:j + NVFP4_SUB], imp[i, j:j + NVFP4_SUB], search, a, scratch)
+                            code = scratch[2][i]
                         out[r0 + i, ib + s] = code
                         d[i] = SCALES[code]
                 inv = np.float32(1.0) / u[b, j - first, j - first]
