@@ -6,9 +6,12 @@ depend on the thread count (rows are independent; see docs/kernels.md).
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 NVFP4_BLOCK = 64
 NVFP4_SUB = 16
@@ -267,7 +270,7 @@ def _nibbles(x, d, amax, out, o):
 ROWS_PER_TASK = 16  # rows one thread encodes with one work space
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _encode_rows(x, importance, search, weighting, out, r0, r1):
     """Rows [r0, r1) of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes per row)."""
     scratch = lane_scratch(LANES)
@@ -308,11 +311,25 @@ def _row_weights(x, importance, weighting, w):
             w[j] = imp
 
 
-@njit(cache=True, parallel=True)
-def _encode_nvfp4(x, importance, search, weighting, out):
-    rows = x.shape[0]
-    for t in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _encode_rows(x, importance, search, weighting, out, t * ROWS_PER_TASK, min(rows, (t + 1) * ROWS_PER_TASK))
+@lru_cache(maxsize=1)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="nvfp4q")
+
+
+def over_rows(kernel, rows: int, *args) -> None:
+    """kernel(*args, r0, r1) over rows [0, rows) in tasks, on numba.get_num_threads() threads.
+
+    The kernels release the GIL and rows are independent, so threads run side by side and the
+    bytes do not depend on their number; and no parallel (parfor) kernel is compiled, which
+    took longer to compile than the kernel it ran.
+    """
+    threads = numba.get_num_threads()
+    step = max(ROWS_PER_TASK, -(-rows // (8 * threads)))
+    if threads == 1 or rows <= step:
+        kernel(*args, 0, rows)
+        return
+    for task in [_pool(threads).submit(kernel, *args, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]:
+        task.result()
 
 
 def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW):
@@ -331,7 +348,7 @@ def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW):
     if imp.shape[0] not in (0, cols):
         raise ValueError(f"importance has {imp.shape[0]} values for {cols} columns")
     out = np.empty((rows, cols // NVFP4_BLOCK * NVFP4_BYTES), dtype=np.uint8)
-    _encode_nvfp4(x, imp, search, weighting, out)
+    over_rows(_encode_rows, rows, x, imp, search, weighting, out)
     return out
 
 
@@ -343,10 +360,10 @@ def _value(blocks, r, ib, s, j, d):
     return KVALUES[(q >> (4 * (j >> 3))) & 15] * d
 
 
-@njit(cache=True, parallel=True)
-def _decode_nvfp4(blocks, out):
+@njit(cache=True, nogil=True)
+def _decode_nvfp4(blocks, out, r0, r1):
     nblocks = blocks.shape[1] // NVFP4_BYTES
-    for r in prange(blocks.shape[0]):
+    for r in range(r0, r1):
         for b in range(nblocks):
             ib = b * NVFP4_BYTES
             for s in range(4):
@@ -360,14 +377,14 @@ def dequantize_nvfp4(blocks):
     """uint8 [rows, nbytes] NVFP4 blocks -> float32 [rows, nbytes // 36 * 64]."""
     blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
     out = np.empty((blocks.shape[0], blocks.shape[1] // NVFP4_BYTES * NVFP4_BLOCK), np.float32)
-    _decode_nvfp4(blocks, out)
+    over_rows(_decode_nvfp4, blocks.shape[0], blocks, out)
     return out
 
 
-@njit(cache=True, parallel=True)
-def _encode_q8_0(x, d_out, q_out):
+@njit(cache=True, nogil=True)
+def _encode_q8_0(x, d_out, q_out, r0, r1):
     nblocks = x.shape[1] // Q8_0_BLOCK
-    for r in prange(x.shape[0]):
+    for r in range(r0, r1):
         for b in range(nblocks):
             off = b * Q8_0_BLOCK
             amax = np.float32(0.0)
@@ -391,7 +408,7 @@ def quantize_q8_0(x):
     nb = cols // Q8_0_BLOCK
     d = np.empty((rows, nb), np.float32)
     q = np.empty((rows, cols), np.int8)
-    _encode_q8_0(x, d, q)
+    over_rows(_encode_q8_0, rows, x, d, q)
     out = np.empty((rows, nb, Q8_0_BYTES), np.uint8)
     out[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
     out[:, :, 2:] = q.view(np.uint8).reshape(rows, nb, Q8_0_BLOCK)
@@ -440,12 +457,12 @@ def _fifth_bit_values(b, qh_at):
     return lo | (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32) << 4)
 
 
-@njit(cache=True, parallel=True)
-def _encode_q5_0(x, d_out, out):
+@njit(cache=True, nogil=True)
+def _encode_q5_0(x, d_out, out, r0, r1):
     """ggml's quantize_row_q5_0_ref: d = (the value of largest magnitude) / -16, values
     truncated after adding 16.5, the low nibbles of j and j + 16 sharing a byte."""
     nblocks = x.shape[1] // Q8_0_BLOCK
-    for r in prange(x.shape[0]):
+    for r in range(r0, r1):
         for b in range(nblocks):
             off = b * Q8_0_BLOCK
             amax = np.float32(0.0)
@@ -472,7 +489,7 @@ def quantize_q5_0(x):
     x, rows, nb = _blocks_of_32(x, "Q5_0")
     d = np.empty((rows, nb), np.float32)
     out = np.empty((rows, nb * Q5_0_BYTES), np.uint8)
-    _encode_q5_0(x, d, out)
+    over_rows(_encode_q5_0, rows, x, d, out)
     out.reshape(rows, nb, Q5_0_BYTES)[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
     return out
 
@@ -485,12 +502,12 @@ def dequantize_q5_0(blocks):
     return ((_fifth_bit_values(b, 2) - 16) * d).astype(np.float32).reshape(rows, -1)
 
 
-@njit(cache=True, parallel=True)
-def _encode_q5_1(x, d_out, m_out, out):
+@njit(cache=True, nogil=True)
+def _encode_q5_1(x, d_out, m_out, out, r0, r1):
     """ggml's quantize_row_q5_1_ref: d = (max - min) / 31, values (x - min) / d rounded by
     truncating after adding 0.5."""
     nblocks = x.shape[1] // Q8_0_BLOCK
-    for r in prange(x.shape[0]):
+    for r in range(r0, r1):
         for b in range(nblocks):
             off = b * Q8_0_BLOCK
             lo = np.float32(np.inf)
@@ -517,7 +534,7 @@ def quantize_q5_1(x):
     x, rows, nb = _blocks_of_32(x, "Q5_1")
     d, m = np.empty((rows, nb), np.float32), np.empty((rows, nb), np.float32)
     out = np.empty((rows, nb * Q5_1_BYTES), np.uint8)
-    _encode_q5_1(x, d, m, out)
+    over_rows(_encode_q5_1, rows, x, d, m, out)
     blocks = out.reshape(rows, nb, Q5_1_BYTES)
     blocks[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
     blocks[:, :, 2:4] = m.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
@@ -536,9 +553,9 @@ def dequantize_q5_1(blocks):
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-@njit(cache=True, parallel=True)
-def _f16_rows(bits, out):
-    for r in prange(bits.shape[0]):
+@njit(cache=True, nogil=True)
+def _f16_rows(bits, out, r0, r1):
+    for r in range(r0, r1):
         for j in range(bits.shape[1]):
             out[r, j] = F16_TO_F32[bits[r, j]]
 
@@ -546,7 +563,7 @@ def _f16_rows(bits, out):
 def f16_to_f32(bits):
     """IEEE half bits (uint16 [rows, cols]) -> float32, exact; a table gather, parallel."""
     out = np.empty(bits.shape, np.float32)
-    _f16_rows(np.ascontiguousarray(bits), out)
+    over_rows(_f16_rows, bits.shape[0], np.ascontiguousarray(bits), out)
     return out
 
 
@@ -555,9 +572,9 @@ def bf16_to_f32(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-@njit(cache=True, parallel=True)
-def _row_scan(x, amax, bad):
-    for r in prange(x.shape[0]):
+@njit(cache=True, nogil=True)
+def _row_scan(x, amax, bad, r0, r1):
+    for r in range(r0, r1):
         m = np.float32(0.0)
         first = -1
         for j in range(x.shape[1]):
@@ -576,7 +593,7 @@ def scan(x):
     x = np.ascontiguousarray(x, dtype=np.float32)
     amax = np.empty(x.shape[0], np.float32)
     bad = np.empty(x.shape[0], np.int64)
-    _row_scan(x, amax, bad)
+    over_rows(_row_scan, x.shape[0], x, amax, bad)
     rows = np.flatnonzero(bad >= 0)
     first = (int(rows[0]), int(bad[rows[0]])) if rows.size else None
     return (float(amax.max()) if amax.size else 0.0), first
