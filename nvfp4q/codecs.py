@@ -22,7 +22,7 @@ CODECS = {
     T.Q5_0: Codec(lambda x, *_: kernels.quantize_q5_0(x), kernels.dequantize_q5_0),
     T.Q5_1: Codec(lambda x, *_: kernels.quantize_q5_1(x), kernels.dequantize_q5_1),
     T.F16: Codec(lambda x, *_: x.astype(np.float16), lambda raw: raw.view(np.float16)),
-    T.BF16: Codec(lambda x, *_: gguf_io.f32_to_bf16(x), lambda raw: kernels.bf16_to_f32(raw.view(np.uint16))),
+    T.BF16: Codec(lambda x, *_: gguf_io.f32_to_bf16(x), lambda raw: kernels.as_float32(raw.view(np.uint16))),
     T.F32: Codec(lambda x, *_: x.astype(np.float32), lambda raw: raw.view(np.float32)),
 }
 # types only read (inspect), never written
@@ -30,9 +30,12 @@ _VIEWS = {T.F64: np.float64, T.I8: np.int8, T.I16: np.int16, T.I32: np.int32, T.
 
 
 def encode(qtype: T, rows: np.ndarray, importance: np.ndarray | None = None, search: int = 0,
-           weighting: int = kernels.WEIGHT_RAW) -> np.ndarray:
-    """float32 rows -> the type's values; only NVFP4 uses importance, search and weighting."""
-    return CODECS[qtype].encode(rows, importance, search, weighting)
+           weighting: int = kernels.WEIGHT_RAW, mult: float = 1.0) -> np.ndarray:
+    """Source rows (float32, float16 or bfloat16 bits) times mult -> the type's values; only
+    NVFP4 uses importance, search and weighting, and it decodes inside its kernel."""
+    if qtype == T.NVFP4:
+        return kernels.quantize_nvfp4(rows, importance, search, weighting, mult)
+    return CODECS[qtype].encode(kernels.as_float32(rows, mult), importance, search, weighting)
 
 
 def decode(qtype: T, raw: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.gguf_writer import GGUFValue
 from gguf.quants import dequantize
 
-from nvfp4q import gguf_header, kernels
+from nvfp4q import gguf_header
 from nvfp4q.errors import UserError
 from nvfp4q.plan import FLOAT_SOURCES, TensorInfo
 
@@ -105,16 +105,17 @@ def open_model(path: Path) -> Model:
     return Model([h.path for h in headers], arch if isinstance(arch, str) else "", headers[0], tensors)
 
 
-def to_float32(t: SourceTensor, start: int, stop: int, allow_requantize: bool) -> np.ndarray:
-    """Rows [start, stop) of a tensor as float32 [rows, ne0]."""
+# How the kernels take each float type's rows as they are (kernels.SOURCE_KINDS)
+SOURCE_VIEWS = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}
+
+
+def source_rows(t: SourceTensor, start: int, stop: int, allow_requantize: bool) -> np.ndarray:
+    """Rows [start, stop) of a tensor [rows, ne0] as the kernels read them: a view of a float
+    type's bytes (kernels.as_float32 decodes it), or float32 decoded from a quantized type."""
     qtype = t.info.type
     raw = t.raw_rows()[start:stop]
-    if qtype == T.F32:
-        return raw.view(np.float32)
-    if qtype == T.F16:
-        return kernels.f16_to_f32(raw.view(np.uint16))
-    if qtype == T.BF16:
-        return kernels.bf16_to_f32(raw.view(np.uint16))
+    if qtype in SOURCE_VIEWS:
+        return raw.view(SOURCE_VIEWS[qtype])
     if allow_requantize and gguf_decodes(qtype):
         return dequantized(raw, qtype)
     raise UserError(f"tensor {t.info.name}: cannot convert from type {qtype.name}")

@@ -270,28 +270,83 @@ def _nibbles(x, d, amax, out, o):
 ROWS_PER_TASK = 16  # rows one thread encodes with one work space
 
 
+# Source rows the kernels read as they are: float32, float16, or bfloat16 bits as uint16 (numpy
+# has no bfloat16); decoded (exactly, by table) and scaled row by row inside the kernel, so a
+# tensor is not first written out as float32 and read again.
+SOURCE_KINDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.uint16): 2}
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+BF16_TO_F32 = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+
+
+def _source(x) -> tuple[np.ndarray, int]:
+    """(bytes [rows, row bytes], kind) of 2D source rows."""
+    x = np.ascontiguousarray(x)
+    if x.dtype not in SOURCE_KINDS:
+        x = x.astype(np.float32)
+    return x.view(np.uint8).reshape(x.shape[0], -1), SOURCE_KINDS[x.dtype]
+
+
+@njit(cache=True, inline="always")
+def _cols(src, kind):
+    return src.shape[1] // (4 if kind == 0 else 2)
+
+
+@njit(cache=True, inline="always")
+def _load(src, r, kind, mult, row):
+    """Row r of the source, decoded, times mult (1, or a power of two: exact) into row."""
+    if kind == 0:
+        v = src[r].view(np.float32)
+        for j in range(row.shape[0]):
+            row[j] = v[j] * mult
+    else:
+        bits = src[r].view(np.uint16)
+        table = F16_TO_F32 if kind == 1 else BF16_TO_F32
+        for j in range(row.shape[0]):
+            row[j] = table[bits[j]] * mult
+
+
 @njit(cache=True, nogil=True)
-def _encode_rows(x, importance, search, weighting, out, r0, r1):
+def _decode_rows(src, kind, mult, out, r0, r1):
+    for r in range(r0, r1):
+        _load(src, r, kind, mult, out[r])
+
+
+def as_float32(x, mult: float = 1.0) -> np.ndarray:
+    """Source rows (float32, float16 or bfloat16 bits) times mult as float32 [rows, cols]."""
+    if x.dtype == np.float32 and mult == 1:
+        return np.ascontiguousarray(x)
+    src, kind = _source(x)
+    out = np.empty((x.shape[0], x.shape[1]), np.float32)
+    over_rows(_decode_rows, x.shape[0], src, kind, np.float32(mult), out)
+    return out
+
+
+
+
+@njit(cache=True, nogil=True)
+def _encode_rows(src, kind, mult, importance, search, weighting, out, r0, r1):
     """Rows [r0, r1) of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes per row)."""
     scratch = lane_scratch(LANES)
     xs, ws, codes, _, f, _, _ = scratch
-    w = np.empty(x.shape[1], np.float32)
-    nsub = x.shape[1] // NVFP4_SUB
+    x = np.empty(_cols(src, kind), np.float32)
+    w = np.empty_like(x)
+    nsub = x.shape[0] // NVFP4_SUB
     for r in range(r0, r1):
-        _row_weights(x[r], importance, weighting, w)
+        _load(src, r, kind, mult, x)
+        _row_weights(x, importance, weighting, w)
         for s0 in range(0, nsub, LANES):
             n = min(LANES, nsub - s0)
             for j in range(NVFP4_SUB):
                 for lane in range(LANES):
                     k = (s0 + lane) * NVFP4_SUB + j
-                    xs[j, lane] = x[r, k] if lane < n else np.float32(0.0)
+                    xs[j, lane] = x[k] if lane < n else np.float32(0.0)
                     ws[j, lane] = w[k] if lane < n else np.float32(0.0)
             search_codes(scratch, search)
             for lane in range(n):
                 s = s0 + lane
                 ob = s // 4 * NVFP4_BYTES
                 out[r, ob + s % 4] = codes[lane]
-                _nibbles(x[r, s * NVFP4_SUB:(s + 1) * NVFP4_SUB], SCALES[codes[lane]], f[2, lane], out[r],
+                _nibbles(x[s * NVFP4_SUB:(s + 1) * NVFP4_SUB], SCALES[codes[lane]], f[2, lane], out[r],
                          ob + 4 + s % 4 * 8)
 
 
@@ -332,13 +387,14 @@ def over_rows(kernel, rows: int, *args) -> None:
         task.result()
 
 
-def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW):
-    """float32 [rows, cols] -> uint8 [rows, cols // 64 * 36] NVFP4 blocks.
+def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW, mult=1.0):
+    """Source rows [rows, cols] (float32, float16 or bfloat16 bits) times mult -> uint8
+    [rows, cols // 64 * 36] NVFP4 blocks.
 
     search is the scale-code window S; importance (cols float32) weights the error.
     With search 0 the importance is irrelevant and the bytes are ggml's reference.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    src, kind = _source(x)
     rows, cols = x.shape
     if cols % NVFP4_BLOCK:
         raise ValueError(f"NVFP4 needs a multiple of {NVFP4_BLOCK} columns, got {cols}")
@@ -348,7 +404,7 @@ def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW):
     if imp.shape[0] not in (0, cols):
         raise ValueError(f"importance has {imp.shape[0]} values for {cols} columns")
     out = np.empty((rows, cols // NVFP4_BLOCK * NVFP4_BYTES), dtype=np.uint8)
-    over_rows(_encode_rows, rows, x, imp, search, weighting, out)
+    over_rows(_encode_rows, rows, src, kind, np.float32(mult), imp, search, weighting, out)
     return out
 
 
@@ -550,50 +606,54 @@ def dequantize_q5_1(blocks):
     return (_fifth_bit_values(b, 4) * d + m).astype(np.float32).reshape(rows, -1)
 
 
-F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+# A half's or bfloat16's magnitude bits order like its magnitude; from these bits up it is inf or NaN.
+NONFINITE_BITS = (0, 0x7C00, 0x7F80)
 
 
 @njit(cache=True, nogil=True)
-def _f16_rows(bits, out, r0, r1):
+def _row_scan(src, kind, amax, bad, r0, r1):
+    """Each row's largest |x| and first NaN/Inf column (-1 if none); half and bfloat16 rows
+    on their bits, without decoding them."""
+    if kind == 0:
+        for r in range(r0, r1):
+            x = src[r].view(np.float32)
+            m = np.float32(0.0)
+            first = -1
+            for j in range(x.shape[0]):
+                if not np.isfinite(x[j]):
+                    if first < 0:
+                        first = j
+                elif abs(x[j]) > m:
+                    m = abs(x[j])
+            amax[r], bad[r] = m, first
+        return
+    limit = np.uint16(NONFINITE_BITS[kind])
+    table = F16_TO_F32 if kind == 1 else BF16_TO_F32
     for r in range(r0, r1):
-        for j in range(bits.shape[1]):
-            out[r, j] = F16_TO_F32[bits[r, j]]
-
-
-def f16_to_f32(bits):
-    """IEEE half bits (uint16 [rows, cols]) -> float32, exact; a table gather, parallel."""
-    out = np.empty(bits.shape, np.float32)
-    over_rows(_f16_rows, bits.shape[0], np.ascontiguousarray(bits), out)
-    return out
-
-
-def bf16_to_f32(bits):
-    """bfloat16 bits (uint16) -> float32, exact: they are the top half of a float32."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-@njit(cache=True, nogil=True)
-def _row_scan(x, amax, bad, r0, r1):
-    for r in range(r0, r1):
-        m = np.float32(0.0)
+        bits = src[r].view(np.uint16)
+        top = np.uint16(0)
+        for j in range(bits.shape[0]):
+            top = max(top, bits[j] & np.uint16(0x7FFF))
         first = -1
-        for j in range(x.shape[1]):
-            v = x[r, j]
-            if not np.isfinite(v):
-                if first < 0:
+        if top >= limit:
+            for j in range(bits.shape[0]):
+                if bits[j] & np.uint16(0x7FFF) >= limit:
                     first = j
-            elif abs(v) > m:
-                m = abs(v)
-        amax[r] = m
-        bad[r] = first
+                    break
+            top = np.uint16(0)
+            for j in range(bits.shape[0]):
+                mag = bits[j] & np.uint16(0x7FFF)
+                if mag < limit:
+                    top = max(top, mag)
+        amax[r], bad[r] = table[top], first
 
 
 def scan(x):
-    """(largest |x|, (row, col) of the first NaN/Inf or None) of a 2D float32 array, one pass."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    """(largest |x|, (row, col) of the first NaN/Inf or None) of 2D source rows, one pass."""
+    src, kind = _source(x)
     amax = np.empty(x.shape[0], np.float32)
     bad = np.empty(x.shape[0], np.int64)
-    over_rows(_row_scan, x.shape[0], x, amax, bad)
+    over_rows(_row_scan, x.shape[0], src, kind, amax, bad)
     rows = np.flatnonzero(bad >= 0)
     first = (int(rows[0]), int(bad[rows[0]])) if rows.size else None
     return (float(amax.max()) if amax.size else 0.0), first

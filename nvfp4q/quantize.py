@@ -225,8 +225,8 @@ def check_paths(sources: list[Path], outs: list[Path], overwrite: bool) -> None:
 def tensor_errors(t: gguf_io.SourceTensor, entry: imatrix.Entry | None, types: list[T], s: Settings) -> dict[T, float]:
     """damage.relative_errors of a source tensor, with the importance and kernels its run would use."""
     imp = entry and [_importance(v, s) if seen else None for v, seen in zip(entry.values, entry.seen)]
-    err = damage.relative_errors(lambda a, b: next(_slabs(t, a, b, b - a, s))[1], t.info.shape, imp, types,
-                                 s.search, _mode(s))
+    err = damage.relative_errors(lambda a, b: kernels.as_float32(next(_slabs(t, a, b, b - a, s))[1]), t.info.shape,
+                                 imp, types, s.search, _mode(s))
     t.release()
     return err
 
@@ -235,26 +235,31 @@ def _mode(s: Settings) -> int:
     return kernels.WEIGHT_GGML if s.weighting == "ggml" else kernels.WEIGHT_RAW
 
 
-def _encode(step: Step, rows: np.ndarray, importance: np.ndarray | None, s: Settings,
+def _encode(step: Step, rows: np.ndarray, mult: np.float32, importance: np.ndarray | None, s: Settings,
             fed: tuple | None = None) -> np.ndarray:
+    """Source rows times mult in the step's type."""
     if fed is not None:
-        return rounding.quantize_nvfp4(rows, fed[0], importance, s.search, _mode(s), fed[1], s.feedback)
-    return codecs.encode(step.type, rows, importance, s.search, _mode(s))
+        return rounding.quantize_nvfp4(kernels.as_float32(rows, mult), fed[0], importance, s.search, _mode(s),
+                                       fed[1], s.feedback)
+    return codecs.encode(step.type, rows, importance, s.search, _mode(s), mult)
 
 
 def _slabs(t: gguf_io.SourceTensor, first: int, stop: int, slab: int, s: Settings):
-    """(start, float32 rows, their largest |w|) over rows [first, stop), checked for NaN/Inf."""
+    """(start, source rows (gguf_io.source_rows), their largest |w|) over rows [first, stop),
+    checked for NaN/Inf."""
     for start in range(first, stop, slab):
-        rows = gguf_io.to_float32(t, start, min(start + slab, stop), s.allow_requantize)
+        rows = gguf_io.source_rows(t, start, min(start + slab, stop), s.allow_requantize)
         amax, bad = kernels.scan(rows)
         if bad is not None:
             r, c = bad
-            raise UserError(f"tensor {t.info.name}: non-finite value {rows[r, c]} at row {start + r}, column {c}")
+            raise UserError(f"tensor {t.info.name}: non-finite value {kernels.as_float32(rows[r:r + 1])[0, c]} "
+                            f"at row {start + r}, column {c}")
         yield start, rows, amax
 
 
 def _too_large(step: Step, rows: np.ndarray, start: int) -> UserError:
     """A finite weight the output type would store as inf: refused like a NaN, with its place."""
+    rows = kernels.as_float32(rows)
     r, c = np.unravel_index(int(np.argmax(np.abs(rows) >= FINITE_BELOW[step.type])), rows.shape)
     return UserError(f"tensor {step.tensor.name}: value {rows[r, c]} at row {start + r}, column {c} "
                      f"is too large for {step.type.name} (it would be stored as inf)")
@@ -302,13 +307,13 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
     slab = max(1, min(per_expert, SLAB_BYTES // (4 * ne0)))
     out = np.empty((t.rows, step.nbytes // t.rows), np.uint8)
     scales = np.ones(t.rows // per_expert, np.float32) if step.sidecar else None
-    factor_g = np.float32(1.0) / job.factors.get(step.tensor.name, np.float32(1.0))
+    factor = job.factors.get(step.tensor.name, np.float32(1.0))
     fed = _rounding(job, step, s)
     for expert, first in enumerate(range(0, t.rows, per_expert)):
         imp = _importance(entry.values[expert], s) if entry is not None and entry.seen[expert] else None
         slabs = _slabs(t, first, first + per_expert, slab, s)
         if not step.sidecar:
-            g = factor_g
+            g = np.float32(1.0) / factor
         elif per_expert <= slab:  # one slab: convert it once
             slabs = list(slabs)
             g = global_scale.sidecar_scale(slabs[0][2])
@@ -317,8 +322,9 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
         for start, rows, amax in slabs:
             if amax >= FINITE_BELOW.get(step.type, np.inf):  # these types have no sidecar or factor: g is 1
                 raise _too_large(step, rows, start)
-            y = rows / g if g != 1 else rows
-            out[start:start + len(rows)] = _encode(step, y, imp, s, fed).view(np.uint8).reshape(len(rows), -1)
+            # g is a power of two: times 1/g is exactly the division by g
+            out[start:start + len(rows)] = _encode(step, rows, np.float32(1.0) / g, imp, s, fed).view(
+                np.uint8).reshape(len(rows), -1)
         if step.sidecar:
             scales[expert] = g
     return out, scales

@@ -197,6 +197,32 @@ def test_scan_finds_amax_and_the_first_nonfinite():
     assert K.scan(x) == (7.5, (2, 17))
 
 
+def _as_bf16_bits(x):
+    """float32 values exact in bfloat16 -> their bfloat16 bits."""
+    return (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("source", ["f16", "bf16"])
+def test_scan_reads_half_and_bfloat16_bits(source):
+    x = np.zeros((4, 64), np.float32)
+    x[1, 3], x[0, 5] = -7.5, 2.0**-20  # subnormal in f16
+    encode = (lambda v: v.astype(np.float16)) if source == "f16" else _as_bf16_bits
+    assert K.scan(encode(x)) == (7.5, None)
+    x[2, 17], x[3, 1], x[2, 40], x[3, 9] = np.inf, np.nan, -np.inf, 96.0
+    assert K.scan(encode(x)) == (96.0, (2, 17))
+
+
+@pytest.mark.parametrize("source", ["f16", "bf16"])
+def test_kernels_decode_sources_exactly_and_scale_by_powers_of_two(source):
+    x = DATA["heavy_bf16"] if source == "bf16" else DATA["normal_f16"]
+    raw = _as_bf16_bits(x) if source == "bf16" else x.astype(np.float16)
+    assert np.array_equal(K.as_float32(raw), x)
+    imp = np.random.default_rng(5).uniform(0.5, 2, x.shape[1]).astype(np.float32)
+    for mult in (1.0, 0.25, 8.0):
+        assert np.array_equal(K.as_float32(raw, mult), x * np.float32(mult))
+        assert np.array_equal(K.quantize_nvfp4(raw, imp, 12, mult=mult), K.quantize_nvfp4(x * np.float32(mult), imp, 12))
+
+
 def test_bad_shapes_and_windows_are_rejected():
     with pytest.raises(ValueError, match="multiple of 64"):
         K.quantize_nvfp4(np.zeros((1, 32), np.float32))
