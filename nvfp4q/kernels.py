@@ -437,38 +437,51 @@ def dequantize_nvfp4(blocks):
     return out
 
 
+@njit(cache=True, inline="always")
+def _store_half(x, out, o):
+    """0 <= x < 65520 (float32) as IEEE half bits, rounded to nearest even like numpy and
+    ggml's GGML_FP32_TO_FP16, little-endian into out[o:o + 2]."""
+    if x < np.float32(2.0**-14):  # half subnormal: x * 2^24 is exact, then rint (to even)
+        h = np.uint32(np.rint(x * np.float32(2.0**24)))
+    else:
+        bits = np.uint32(np.array([x]).view(np.uint32)[0])
+        h = (((bits >> np.uint32(23)) - np.uint32(112)) << np.uint32(10)) | ((bits >> np.uint32(13)) & np.uint32(0x3FF))
+        rest = bits & np.uint32(0x1FFF)
+        if rest > np.uint32(0x1000) or (rest == np.uint32(0x1000) and h & np.uint32(1)):
+            h += np.uint32(1)  # a carry into the exponent is the right result
+    out[o] = np.uint8(h & np.uint32(0xFF))
+    out[o + 1] = np.uint8(h >> np.uint32(8))
+
+
 @njit(cache=True, nogil=True)
-def _encode_q8_0(x, d_out, q_out, r0, r1):
-    nblocks = x.shape[1] // Q8_0_BLOCK
+def _encode_q8_0(src, kind, mult, out, r0, r1):
+    x = np.empty(_cols(src, kind), np.float32)
     for r in range(r0, r1):
-        for b in range(nblocks):
-            off = b * Q8_0_BLOCK
+        _load(src, r, kind, mult, x)
+        for b in range(x.shape[0] // Q8_0_BLOCK):
+            off, o = b * Q8_0_BLOCK, b * Q8_0_BYTES
             amax = np.float32(0.0)
             for j in range(Q8_0_BLOCK):
-                amax = max(amax, abs(x[r, off + j]))
+                amax = max(amax, abs(x[off + j]))
             d = amax / np.float32(127.0)
             inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-            d_out[r, b] = d
+            _store_half(d, out[r], o)
             for j in range(Q8_0_BLOCK):
-                v = x[r, off + j] * inv
+                v = x[off + j] * inv
                 m = np.floor(np.float64(abs(v)) + 0.5)  # roundf: half away from zero, exact
-                q_out[r, off + j] = np.int8(m if v >= 0 else -m)
+                out[r, o + 2 + j] = np.uint8(np.int64(m if v >= 0 else -m) & 0xFF)
 
 
-def quantize_q8_0(x):
-    """float32 [rows, cols] -> uint8 [rows, cols // 32 * 34] Q8_0 blocks (fp16 d, 32 int8)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def quantize_q8_0(x, mult=1.0):
+    """Source rows [rows, cols] (float32, float16 or bfloat16 bits) times mult -> uint8
+    [rows, cols // 32 * 34] Q8_0 blocks (fp16 d, 32 int8). |x * mult| must stay below 65520 * 127."""
+    src, kind = _source(x)
     rows, cols = x.shape
     if cols % Q8_0_BLOCK:
         raise ValueError(f"Q8_0 needs a multiple of {Q8_0_BLOCK} columns, got {cols}")
-    nb = cols // Q8_0_BLOCK
-    d = np.empty((rows, nb), np.float32)
-    q = np.empty((rows, cols), np.int8)
-    over_rows(_encode_q8_0, rows, x, d, q)
-    out = np.empty((rows, nb, Q8_0_BYTES), np.uint8)
-    out[:, :, :2] = d.astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
-    out[:, :, 2:] = q.view(np.uint8).reshape(rows, nb, Q8_0_BLOCK)
-    return out.reshape(rows, nb * Q8_0_BYTES)
+    out = np.empty((rows, cols // Q8_0_BLOCK * Q8_0_BYTES), np.uint8)
+    over_rows(_encode_q8_0, rows, src, kind, np.float32(mult), out)
+    return out
 
 
 def dequantize_q8_0(blocks):

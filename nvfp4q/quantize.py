@@ -4,6 +4,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -373,6 +374,13 @@ def _plan_parts(w: gguf_io.Writer, job: Job, s: Settings) -> None:
             w.add_tensor_info(global_scale.sidecar_name(step.tensor.name), (n,), T.F32, 4 * n)
 
 
+def _write(w: gguf_io.Writer, t: gguf_io.SourceTensor, data: np.ndarray, scales: np.ndarray | None) -> None:
+    w.write_tensor(data)
+    if scales is not None:
+        w.write_tensor(scales)
+    t.release()  # after the write: an unconverted tensor's data is the source's pages
+
+
 def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = lambda step: None) -> Summary:
     """Write each output part beside its final name under a temporary name; rename when complete."""
     started = time.perf_counter()
@@ -388,15 +396,20 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
         if free < job.nbytes_out:
             raise UserError(f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {job.nbytes_out / 1e9:.2f} GB")
         w.begin_data()
-        for i, step in enumerate(job.plan):
-            if i + 1 < len(job.plan):
-                job.model.tensors[i + 1].prefetch()
-            data, scales = convert_tensor(job, i, s)
-            w.write_tensor(data)
-            if scales is not None:
-                w.write_tensor(scales)
-            job.model.tensors[i].release()
-            on_tensor(step)
+        # one tensor is written while the next is converted (the kernels and the write release
+        # the GIL); leaving the block waits for the write in flight, also on an error
+        with ThreadPoolExecutor(1, thread_name_prefix="nvfp4q-write") as writer:
+            pending = None
+            for i, step in enumerate(job.plan):
+                if i + 1 < len(job.plan):
+                    job.model.tensors[i + 1].prefetch()
+                data, scales = convert_tensor(job, i, s)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write, w, job.model.tensors[i], data, scales)
+                on_tensor(step)
+            if pending is not None:
+                pending.result()
         summary.outputs = w.commit()
     except BaseException:
         w.abort()

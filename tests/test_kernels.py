@@ -73,6 +73,17 @@ def test_q8_0_is_byte_identical_to_ggml(name):
     assert np.array_equal(K.dequantize_q8_0(ours), ggml.dequantize(ggml.Q8_0, ours, x.shape[1]))
 
 
+def test_q8_0_scales_round_to_the_nearest_half_like_numpy():
+    rng = np.random.default_rng(7)
+    d = np.concatenate([np.exp(rng.uniform(-40, 11.09, 20000)), [0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14,
+                                                               65504, 65519, 1 + 2.0**-11, 1 + 3 * 2.0**-11]])
+    x = np.zeros((len(d), 32), np.float32)
+    x[:, 0] = (d.astype(np.float32) * np.float32(127)).astype(np.float32)
+    x = x[x[:, 0] < 65520 * 127]
+    got = K.quantize_q8_0(x)[:, :2].copy().view(np.float16)[:, 0]
+    assert np.array_equal(got, (x[:, 0] / np.float32(127)).astype(np.float16))
+
+
 def test_q8_0_rounds_half_away_from_zero():
     # d = 127/127 = 1, so elements are rounded as is: ggml's roundf, not banker's rounding
     x = np.zeros((1, 32), np.float32)
@@ -221,6 +232,7 @@ def test_kernels_decode_sources_exactly_and_scale_by_powers_of_two(source):
     for mult in (1.0, 0.25, 8.0):
         assert np.array_equal(K.as_float32(raw, mult), x * np.float32(mult))
         assert np.array_equal(K.quantize_nvfp4(raw, imp, 12, mult=mult), K.quantize_nvfp4(x * np.float32(mult), imp, 12))
+        assert np.array_equal(K.quantize_q8_0(raw, mult), K.quantize_q8_0(x * np.float32(mult)))
 
 
 def test_bad_shapes_and_windows_are_rejected():
