@@ -30,14 +30,20 @@ _VIEWS = {T.F64: np.float64, T.I8: np.int8, T.I16: np.int16, T.I32: np.int32, T.
 
 
 def encode(qtype: T, rows: np.ndarray, importance: np.ndarray | None = None, search: int = 0,
-           weighting: int = kernels.WEIGHT_RAW, mult: float = 1.0) -> np.ndarray:
-    """Source rows (float32, float16 or bfloat16 bits) times mult -> the type's values; only
-    NVFP4 uses importance, search and weighting; NVFP4 and Q8_0 decode inside their kernels."""
+           weighting: int = kernels.WEIGHT_RAW, mult: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
+    """Source rows (float32, float16 or bfloat16 bits) times mult -> the type's values as bytes
+    [rows, row bytes], into out when given. Only NVFP4 uses importance, search and weighting;
+    NVFP4 and Q8_0 decode inside their kernels and write into out directly."""
     if qtype == T.NVFP4:
-        return kernels.quantize_nvfp4(rows, importance, search, weighting, mult)
+        return kernels.quantize_nvfp4(rows, importance, search, weighting, mult, out)
     if qtype == T.Q8_0:
-        return kernels.quantize_q8_0(rows, mult)
-    return CODECS[qtype].encode(kernels.as_float32(rows, mult), importance, search, weighting)
+        return kernels.quantize_q8_0(rows, mult, out)
+    data = CODECS[qtype].encode(kernels.as_float32(rows, mult), importance, search, weighting)
+    data = np.ascontiguousarray(data).view(np.uint8).reshape(len(rows), -1)
+    if out is None:
+        return data
+    out[...] = data
+    return out
 
 
 def decode(qtype: T, raw: np.ndarray) -> np.ndarray:

@@ -278,6 +278,14 @@ F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float
 BF16_TO_F32 = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
 
 
+def _output(out, rows: int, nbytes: int) -> np.ndarray:
+    if out is None:
+        return np.empty((rows, nbytes), np.uint8)
+    if out.shape != (rows, nbytes) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 {(rows, nbytes)}, got {out.dtype} {out.shape}")
+    return out
+
+
 def _source(x) -> tuple[np.ndarray, int]:
     """(bytes [rows, row bytes], kind) of 2D source rows."""
     x = np.ascontiguousarray(x)
@@ -387,9 +395,10 @@ def over_rows(kernel, rows: int, *args) -> None:
         task.result()
 
 
-def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW, mult=1.0):
+def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW, mult=1.0, out=None):
     """Source rows [rows, cols] (float32, float16 or bfloat16 bits) times mult -> uint8
-    [rows, cols // 64 * 36] NVFP4 blocks.
+    [rows, cols // 64 * 36] NVFP4 blocks, written into out when given (C-contiguous rows of the
+    output file: no copy, no fresh pages per call).
 
     search is the scale-code window S; importance (cols float32) weights the error.
     With search 0 the importance is irrelevant and the bytes are ggml's reference.
@@ -403,7 +412,7 @@ def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW, mult=1.0)
     imp = np.empty(0, np.float32) if importance is None else np.ascontiguousarray(importance, np.float32)
     if imp.shape[0] not in (0, cols):
         raise ValueError(f"importance has {imp.shape[0]} values for {cols} columns")
-    out = np.empty((rows, cols // NVFP4_BLOCK * NVFP4_BYTES), dtype=np.uint8)
+    out = _output(out, rows, cols // NVFP4_BLOCK * NVFP4_BYTES)
     over_rows(_encode_rows, rows, src, kind, np.float32(mult), imp, search, weighting, out)
     return out
 
@@ -472,14 +481,15 @@ def _encode_q8_0(src, kind, mult, out, r0, r1):
                 out[r, o + 2 + j] = np.uint8(np.int64(m if v >= 0 else -m) & 0xFF)
 
 
-def quantize_q8_0(x, mult=1.0):
+def quantize_q8_0(x, mult=1.0, out=None):
     """Source rows [rows, cols] (float32, float16 or bfloat16 bits) times mult -> uint8
-    [rows, cols // 32 * 34] Q8_0 blocks (fp16 d, 32 int8). |x * mult| must stay below 65520 * 127."""
+    [rows, cols // 32 * 34] Q8_0 blocks (fp16 d, 32 int8), into out when given (as
+    quantize_nvfp4). |x * mult| must stay below 65520 * 127."""
     src, kind = _source(x)
     rows, cols = x.shape
     if cols % Q8_0_BLOCK:
         raise ValueError(f"Q8_0 needs a multiple of {Q8_0_BLOCK} columns, got {cols}")
-    out = np.empty((rows, cols // Q8_0_BLOCK * Q8_0_BYTES), np.uint8)
+    out = _output(out, rows, cols // Q8_0_BLOCK * Q8_0_BYTES)
     over_rows(_encode_q8_0, rows, src, kind, np.float32(mult), out)
     return out
 

@@ -237,12 +237,13 @@ def _mode(s: Settings) -> int:
 
 
 def _encode(step: Step, rows: np.ndarray, mult: np.float32, importance: np.ndarray | None, s: Settings,
-            fed: tuple | None = None) -> np.ndarray:
-    """Source rows times mult in the step's type."""
+            fed: tuple | None, out: np.ndarray) -> None:
+    """Source rows times mult in the step's type, into out (their rows of the output)."""
     if fed is not None:
-        return rounding.quantize_nvfp4(kernels.as_float32(rows, mult), fed[0], importance, s.search, _mode(s),
-                                       fed[1], s.feedback)
-    return codecs.encode(step.type, rows, importance, s.search, _mode(s), mult)
+        out[...] = rounding.quantize_nvfp4(kernels.as_float32(rows, mult), fed[0], importance, s.search, _mode(s),
+                                           fed[1], s.feedback)
+    else:
+        codecs.encode(step.type, rows, importance, s.search, _mode(s), mult, out)
 
 
 def _slabs(t: gguf_io.SourceTensor, first: int, stop: int, slab: int, s: Settings):
@@ -324,8 +325,7 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
             if amax >= FINITE_BELOW.get(step.type, np.inf):  # these types have no sidecar or factor: g is 1
                 raise _too_large(step, rows, start)
             # g is a power of two: times 1/g is exactly the division by g
-            out[start:start + len(rows)] = _encode(step, rows, np.float32(1.0) / g, imp, s, fed).view(
-                np.uint8).reshape(len(rows), -1)
+            _encode(step, rows, np.float32(1.0) / g, imp, s, fed, out[start:start + len(rows)])
         if step.sidecar:
             scales[expert] = g
     return out, scales
@@ -396,13 +396,15 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
         if free < job.nbytes_out:
             raise UserError(f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {job.nbytes_out / 1e9:.2f} GB")
         w.begin_data()
-        # one tensor is written while the next is converted (the kernels and the write release
-        # the GIL); leaving the block waits for the write in flight, also on an error
-        with ThreadPoolExecutor(1, thread_name_prefix="nvfp4q-write") as writer:
+        # while a tensor is converted, the one before it is written and the one after it is
+        # mapped in (the kernels, the write and the prefetch release the GIL); leaving the block
+        # waits for them, also on an error
+        with ThreadPoolExecutor(1, thread_name_prefix="nvfp4q-write") as writer, \
+                ThreadPoolExecutor(1, thread_name_prefix="nvfp4q-read") as reader:
             pending = None
             for i, step in enumerate(job.plan):
                 if i + 1 < len(job.plan):
-                    job.model.tensors[i + 1].prefetch()
+                    reader.submit(job.model.tensors[i + 1].prefetch)
                 data, scales = convert_tensor(job, i, s)
                 if pending is not None:
                     pending.result()
