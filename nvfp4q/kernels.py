@@ -109,21 +109,8 @@ def _signed_level(a, x, d):
     return m + 8 * ((m > 0) & (x < np.float32(0.0)))
 
 
-@njit(cache=True, inline="always")
-def _term(aj, wj, d):
-    """w (a - q)^2 with q the value nearest a at scale d: the step heights of MAGS
-    (1,1,1,1,2,2,4) summed over passed midpoints, branch-free so that LLVM vectorizes it,
-    and exact (small integers times d)."""
-    k = (np.float32(aj > HALF * d) + np.float32(aj > ONE_HALF * d)
-         + np.float32(aj > TWO_HALF * d) + np.float32(aj > THREE_HALF * d)
-         + F2 * (np.float32(aj > F5 * d) + np.float32(aj > F7 * d))
-         + F4 * np.float32(aj > F10 * d))
-    diff = aj - k * d
-    return (wj * diff) * diff
-
-
 # The midpoints of MAGS and the steps between its values: the value nearest a at scale d is
-# the sum of the steps times d whose midpoint times d a passed (all exact, as in _term).
+# the sum of the steps times d whose midpoint times d a passed (exact: small integers times d).
 MIDPOINTS = np.array([0.5, 1.5, 2.5, 3.5, 5, 7, 10], np.float32)
 STEPS = np.array([1, 1, 1, 1, 2, 2, 4], np.float32)
 
