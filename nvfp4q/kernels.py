@@ -66,7 +66,7 @@ def scale_encode(x):
     return (exp << 3) | man
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)  # a call, not inlined: only rare paths use it, and it compiles once
 def _nearest(x, d):
     """Nibble of ggml's best_index_mxfp4(x, d): first minimum of |k*d - x| over k in table order."""
     a = abs(x)
@@ -439,12 +439,9 @@ def _store_half(x, out, o):
     ggml's GGML_FP32_TO_FP16, little-endian into out[o:o + 2]."""
     if x < np.float32(2.0**-14):  # half subnormal: x * 2^24 is exact, then rint (to even)
         h = np.uint32(np.rint(x * np.float32(2.0**24)))
-    else:
-        bits = np.uint32(np.array([x]).view(np.uint32)[0])
-        h = (((bits >> np.uint32(23)) - np.uint32(112)) << np.uint32(10)) | ((bits >> np.uint32(13)) & np.uint32(0x3FF))
-        rest = bits & np.uint32(0x1FFF)
-        if rest > np.uint32(0x1000) or (rest == np.uint32(0x1000) and h & np.uint32(1)):
-            h += np.uint32(1)  # a carry into the exponent is the right result
+    else:  # x = m 2^e, m in [0.5, 1): ten mantissa bits rounded to even; 1024 carries into the exponent
+        m, e = math.frexp(np.float64(x))
+        h = np.uint32((e + 14) * 1024 + np.rint((m * 2.0 - 1.0) * 1024.0))
     out[o] = np.uint8(h & np.uint32(0xFF))
     out[o + 1] = np.uint8(h >> np.uint32(8))
 
@@ -616,54 +613,43 @@ def dequantize_q5_1(blocks):
     return (_fifth_bit_values(b, 4) * d + m).astype(np.float32).reshape(rows, -1)
 
 
-# A half's or bfloat16's magnitude bits order like its magnitude; from these bits up it is inf or NaN.
-NONFINITE_BITS = (0, 0x7C00, 0x7F80)
+# A float's magnitude bits (sign cleared) order like its magnitude, and from the bits of inf up
+# it is inf or NaN: the scan reads bits, and compiles only for the width the run needs.
+SCAN_BITS = {0: (np.uint32, 0x7FFFFFFF, 0x7F800000), 1: (np.uint16, 0x7FFF, 0x7C00), 2: (np.uint16, 0x7FFF, 0x7F80)}
 
 
 @njit(cache=True, nogil=True)
-def _row_scan(src, kind, amax, bad, r0, r1):
-    """Each row's largest |x| and first NaN/Inf column (-1 if none); half and bfloat16 rows
-    on their bits, without decoding them."""
-    if kind == 0:
-        for r in range(r0, r1):
-            x = src[r].view(np.float32)
-            m = np.float32(0.0)
-            first = -1
-            for j in range(x.shape[0]):
-                if not np.isfinite(x[j]):
-                    if first < 0:
-                        first = j
-                elif abs(x[j]) > m:
-                    m = abs(x[j])
-            amax[r], bad[r] = m, first
-        return
-    limit = np.uint16(NONFINITE_BITS[kind])
-    table = F16_TO_F32 if kind == 1 else BF16_TO_F32
+def _row_scan(bits, mask, limit, top, bad, r0, r1):
+    """Each row's largest finite magnitude bits and first column at or above limit (-1: none)."""
+    mags = np.zeros(max(1, bits.shape[1]), bits.dtype)
     for r in range(r0, r1):
-        bits = src[r].view(np.uint16)
-        top = np.uint16(0)
-        for j in range(bits.shape[0]):
-            top = max(top, bits[j] & np.uint16(0x7FFF))
+        for j in range(bits.shape[1]):
+            mags[j] = bits[r, j] & mask  # stored in the bits' own width, where the max vectorizes
+        t = mags[0]
+        for j in range(bits.shape[1]):
+            t = max(t, mags[j])
         first = -1
-        if top >= limit:
-            for j in range(bits.shape[0]):
-                if bits[j] & np.uint16(0x7FFF) >= limit:
-                    first = j
-                    break
-            top = np.uint16(0)
-            for j in range(bits.shape[0]):
-                mag = bits[j] & np.uint16(0x7FFF)
-                if mag < limit:
-                    top = max(top, mag)
-        amax[r], bad[r] = table[top], first
+        if t >= limit:  # rare: find the first, and the largest below it
+            t = mags[0] & 0
+            for j in range(bits.shape[1]):
+                m = bits[r, j] & mask
+                if m >= limit:
+                    first = j if first < 0 else first
+                else:
+                    t = max(t, m)
+        top[r], bad[r] = t, first
 
 
 def scan(x):
     """(largest |x|, (row, col) of the first NaN/Inf or None) of 2D source rows, one pass."""
     src, kind = _source(x)
-    amax = np.empty(x.shape[0], np.float32)
-    bad = np.empty(x.shape[0], np.int64)
-    over_rows(_row_scan, x.shape[0], src, kind, amax, bad)
-    rows = np.flatnonzero(bad >= 0)
-    first = (int(rows[0]), int(bad[rows[0]])) if rows.size else None
-    return (float(amax.max()) if amax.size else 0.0), first
+    rows = src.shape[0]
+    dt, mask, limit = SCAN_BITS[kind]
+    top = np.zeros(rows, dt)
+    bad = np.empty(rows, np.int64)
+    over_rows(_row_scan, rows, src.view(dt), dt(mask), dt(limit), top, bad)
+    amax = top.view(np.float32) if kind == 0 else top.view(np.float16) if kind == 1 else \
+        (top.astype(np.uint32) << 16).view(np.float32)
+    first = np.flatnonzero(bad >= 0)
+    where = (int(first[0]), int(bad[first[0]])) if first.size else None
+    return (float(amax.max()) if amax.size else 0.0), where
