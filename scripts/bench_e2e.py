@@ -5,7 +5,8 @@
 For each synthetic model (made by make_synthetic_model.py unless already there) it runs, each in
 its own process after reading the source once (same page-cache state for both):
 `nvfp4q quantize --search 12` and stock llama.cpp's llama_model_quantize to Q8_0 (through
-llama-cpp-python) with the same thread count, and prints wall time, weights/s,
+llama-cpp-python) with the same thread count, alternately --repeat times, and prints (for the
+run whose ratio is the median) wall time, weights/s,
 peak RSS and the ratios the targets are stated in: wall time against llama.cpp's Q8_0, and peak
 RSS against the largest tensor in float32 (it must not grow with model size).
 """
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/nvfp4q-bench"))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--search", type=int, default=12)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each tool; the run of the median ratio is shown")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     gib = 1 << 30
@@ -80,13 +82,19 @@ def main() -> None:
         n = sum(t.n_elements for t in h.tensors)
         largest = max(t.n_elements for t in h.tensors) * 4
         out = a.work / f"{preset}-out.gguf"
-        warm(src)
-        nv = measure([sys.executable, "-m", "nvfp4q", "quantize", str(src), str(out), "--search", str(a.search),
-                      "--threads", str(a.threads), "-q", "--overwrite"])
-        warm(src)
-        ll = measure([sys.executable, "-c", LLAMA_Q8_0, str(src), str(out), str(a.threads)])
-        out.unlink()
-        rows.append((preset, src.stat().st_size, n, largest, nv, ll))
+        runs = []
+        for _ in range(a.repeat):  # alternating, so that the machine's mood hits both tools alike
+            warm(src)
+            nv = measure([sys.executable, "-m", "nvfp4q", "quantize", str(src), str(out), "--search", str(a.search),
+                          "--threads", str(a.threads), "-q", "--overwrite"])
+            warm(src)
+            ll = measure([sys.executable, "-c", LLAMA_Q8_0, str(src), str(out), str(a.threads)])
+            out.unlink()
+            runs.append((nv, ll))
+        print(f"{preset}: wall nvfp4q / llama.cpp " + ", ".join(f"{nv[0]:.1f}/{ll[0]:.1f}" for nv, ll in runs),
+              flush=True)
+        med = sorted(runs, key=lambda r: r[0][0] / r[1][0])[len(runs) // 2]  # the run of the median ratio
+        rows.append((preset, src.stat().st_size, n, largest, *med))
     print(f"\nthreads: {a.threads}, nvfp4q --search {a.search}")
     print(f"{'model':14} {'f16 GiB':>8} {'tool':18} {'wall s':>8} {'Mw/s':>7} {'peak RSS GiB':>13} "
           f"{'RSS/largest f32':>16}")
