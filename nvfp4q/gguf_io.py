@@ -7,8 +7,8 @@ through gguf's writer for the header, metadata and tensor infos, then tensor dat
 tensor at a time.
 """
 
-import ctypes
 import functools
+import io
 import mmap
 import os
 import signal
@@ -31,9 +31,16 @@ _OWNED_EXACT = ("general.architecture", "general.file_type", "general.quantizati
                 "general.alignment")
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
-MADV_POPULATE_READ = 22  # Linux 5.14
-PREFAULT_BYTES = 256 << 20  # mapped ahead at most: they count as resident memory
+_BUFFERS: dict[int, np.ndarray] = {}
+
+
+def reused_buffer(key: int, nbytes: int) -> np.ndarray:
+    """nbytes of a buffer kept for reuse under key (uint8): fresh pages cost the kernel a
+    zeroing each, and a model's tensors would ask for gigabytes of them. Main thread only."""
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _BUFFERS[key] = np.empty(nbytes, np.uint8)
+    return buf[:nbytes]
 
 
 @dataclass
@@ -43,6 +50,7 @@ class SourceTensor:
     part: int = 0  # which file of a split model holds it
     mapping: mmap.mmap | None = None
     offset: int = 0
+    file: io.FileIO | None = None  # for read(); closed when the last tensor of its file goes
 
     def release(self) -> None:
         """Drop the tensor's pages from this process: resident mapped pages count as our
@@ -50,16 +58,25 @@ class SourceTensor:
         self._advise(mmap.MADV_DONTNEED)
 
     def prefetch(self) -> None:
-        """Map the tensor's first PREFAULT_BYTES in now, reading them from disk if need be, and
-        have the kernel read the rest ahead: run by a thread while the tensor before it is
-        quantized, since faulting pages in one by one cost the kernels as much as decoding."""
-        if self.mapping is None or self.data.nbytes == 0:
-            return
-        start = self.data.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
-        length = min(self.data.ctypes.data + self.data.nbytes - start, PREFAULT_BYTES)
-        # ctypes releases the GIL; kernels before 5.14 refuse the advice, and read ahead instead
-        if _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_POPULATE_READ) != 0:
-            self._advise(mmap.MADV_WILLNEED)
+        """Have the kernel start reading the tensor from disk now, in the background, so that
+        a source not in the page cache is read while the tensor before it is quantized."""
+        self._advise(mmap.MADV_WILLNEED)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor's bytes [rows, row bytes], copied from the file into
+        a reused buffer (valid until the next read): cheaper than faulting the mapping's pages in,
+        or fresh pages, one by one, and nothing stays mapped."""
+        if self.file is None:
+            return self.raw_rows()[start:stop]
+        row = self.data.nbytes // max(1, self.rows)
+        buf = reused_buffer(0, (stop - start) * row).reshape(stop - start, row)
+        try:
+            n = os.preadv(self.file.fileno(), [buf], self.offset + start * row)
+        except OSError as e:
+            raise UserError(f"reading tensor {self.info.name} failed: {e.strerror or e}") from None
+        if n != buf.nbytes:
+            raise UserError(f"reading tensor {self.info.name} failed: the file is shorter than its header says")
+        return buf
 
     def _advise(self, advice: int) -> None:
         if self.mapping is not None:
@@ -107,13 +124,14 @@ def open_model(path: Path) -> Model:
     for h in headers:
         mapping = map_file(h.path) if h.tensors else None
         data = np.frombuffer(mapping, dtype=np.uint8) if mapping is not None else None
+        file = open(h.path, "rb", buffering=0) if mapping is not None else None  # noqa: SIM115
         for t in h.tensors:
             if t.type is None or t.nbytes is None:
                 raise UserError(f"{h.path}: tensor {t.name} has an unsupported type or shape ({t.type_name})")
             if t.offset + t.nbytes > h.file_size:
                 raise UserError(f"{h.path}: truncated: tensor {t.name} ends past the end of the file")
             info = TensorInfo(t.name, t.shape, t.type)
-            tensors.append(SourceTensor(info, data[t.offset:t.offset + t.nbytes], t.part, mapping, t.offset))
+            tensors.append(SourceTensor(info, data[t.offset:t.offset + t.nbytes], t.part, mapping, t.offset, file))
     arch = headers[0].get("general.architecture", "")
     return Model([h.path for h in headers], arch if isinstance(arch, str) else "", headers[0], tensors)
 
@@ -126,7 +144,7 @@ def source_rows(t: SourceTensor, start: int, stop: int, allow_requantize: bool) 
     """Rows [start, stop) of a tensor [rows, ne0] as the kernels read them: a view of a float
     type's bytes (kernels.as_float32 decodes it), or float32 decoded from a quantized type."""
     qtype = t.info.type
-    raw = t.raw_rows()[start:stop]
+    raw = t.read(start, stop)
     if qtype in SOURCE_VIEWS:
         return raw.view(SOURCE_VIEWS[qtype])
     if allow_requantize and gguf_decodes(qtype):

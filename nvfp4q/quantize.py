@@ -307,7 +307,8 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
     per_expert = step.tensor.shape[1] if len(step.tensor.shape) >= 2 else 1
     entry = job.importance.get(step.tensor.name)
     slab = max(1, min(per_expert, SLAB_BYTES // (4 * ne0)))
-    out = np.empty((t.rows, step.nbytes // t.rows), np.uint8)
+    # two output buffers in turn: the writer holds the previous tensor's while this one is made
+    out = gguf_io.reused_buffer(1 + index % 2, step.nbytes).reshape(t.rows, -1)
     scales = np.ones(t.rows // per_expert, np.float32) if step.sidecar else None
     factor = job.factors.get(step.tensor.name, np.float32(1.0))
     fed = _rounding(job, step, s)
@@ -396,15 +397,13 @@ def run(job: Job, out: Path, s: Settings, on_tensor: Callable[[Step], None] = la
         if free < job.nbytes_out:
             raise UserError(f"{out.parent}: {free / 1e9:.2f} GB free, the output needs {job.nbytes_out / 1e9:.2f} GB")
         w.begin_data()
-        # while a tensor is converted, the one before it is written and the one after it is
-        # mapped in (the kernels, the write and the prefetch release the GIL); leaving the block
-        # waits for them, also on an error
-        with ThreadPoolExecutor(1, thread_name_prefix="nvfp4q-write") as writer, \
-                ThreadPoolExecutor(1, thread_name_prefix="nvfp4q-read") as reader:
+        # one tensor is written while the next is converted (the kernels and the write release
+        # the GIL); leaving the block waits for the write in flight, also on an error
+        with ThreadPoolExecutor(1, thread_name_prefix="nvfp4q-write") as writer:
             pending = None
             for i, step in enumerate(job.plan):
                 if i + 1 < len(job.plan):
-                    reader.submit(job.model.tensors[i + 1].prefetch)
+                    job.model.tensors[i + 1].prefetch()
                 data, scales = convert_tensor(job, i, s)
                 if pending is not None:
                     pending.result()
