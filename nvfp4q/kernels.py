@@ -92,7 +92,7 @@ def _nearest(x, d):
 # midpoint comparisons of _level and _accumulate pick exactly what ggml's 16-value scan picks.
 EXACT_RATIO = np.float32(2.0**21)
 HALF, ONE_HALF, TWO_HALF, THREE_HALF = np.float32(0.5), np.float32(1.5), np.float32(2.5), np.float32(3.5)
-F2, F4, F5, F7, F10, F12 = (np.float32(v) for v in (2, 4, 5, 7, 10, 12))
+F5, F7, F10, F12 = (np.float32(v) for v in (5, 7, 10, 12))
 
 
 @njit(cache=True, inline="always")
@@ -164,8 +164,9 @@ def lane_scratch(lanes):
 
 @njit(cache=True, inline="always")
 def search_codes(scratch, search):
-    """Scale codes of LANES sub-blocks at once: lane l is x[:, l] with weights w[:, l], its
-    code goes to codes[l] and its largest |x| to f[2, l] (x, w, codes, a, f, ii, tab = scratch).
+    """Scale codes of as many sub-blocks as the scratch has lanes (lane_scratch), at once: lane l
+    is x[:, l] with weights w[:, l], its code goes to codes[l] and its largest |x| to f[2, l]
+    (x, w, codes, a, f, ii, tab = scratch).
 
     Per lane: ggml's amax / 6 encoded (the only code when search is 0), then the best of the
     window around it (docs/kernels.md), pruned without changing it. Codes are tried at
@@ -278,7 +279,7 @@ def _source(x) -> tuple[np.ndarray, int]:
     x = np.ascontiguousarray(x)
     if x.dtype not in SOURCE_KINDS:
         x = x.astype(np.float32)
-    return x.view(np.uint8).reshape(x.shape[0], -1), SOURCE_KINDS[x.dtype]
+    return x.view(np.uint8).reshape(x.shape[0], x.shape[1] * x.itemsize), SOURCE_KINDS[x.dtype]
 
 
 @njit(cache=True, inline="always")

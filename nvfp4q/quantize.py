@@ -315,20 +315,20 @@ def convert_tensor(job: Job, index: int, s: Settings) -> tuple[np.ndarray, np.nd
     for expert, first in enumerate(range(0, t.rows, per_expert)):
         imp = _importance(entry.values[expert], s) if entry is not None and entry.seen[expert] else None
         slabs = _slabs(t, first, first + per_expert, slab, s)
-        if not step.sidecar:
-            g = np.float32(1.0) / factor
-        elif per_expert <= slab:  # one slab: convert it once
-            slabs = list(slabs)
-            g = global_scale.sidecar_scale(slabs[0][2])
-        else:
-            g = global_scale.sidecar_scale(_amax(t, first, first + per_expert, s))
-        for start, rows, amax in slabs:
-            if amax >= FINITE_BELOW.get(step.type, np.inf):  # these types have no sidecar or factor: g is 1
-                raise _too_large(step, rows, start)
-            # g is a power of two: times 1/g is exactly the division by g
-            _encode(step, rows, np.float32(1.0) / g, imp, s, fed, out[start:start + len(rows)])
         if step.sidecar:
+            if per_expert <= slab:  # one slab: convert it once
+                slabs = list(slabs)
+                g = global_scale.sidecar_scale(slabs[0][2])
+            else:
+                g = global_scale.sidecar_scale(_amax(t, first, first + per_expert, s))
             scales[expert] = g
+            mult = np.float32(1.0) / g  # g is a power of two: times 1/g is exactly the division by g
+        else:
+            mult = factor
+        for start, rows, amax in slabs:
+            if amax >= FINITE_BELOW.get(step.type, np.inf):  # these types have no sidecar or factor: mult is 1
+                raise _too_large(step, rows, start)
+            _encode(step, rows, mult, imp, s, fed, out[start:start + len(rows)])
     return out, scales
 
 

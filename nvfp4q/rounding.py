@@ -121,7 +121,7 @@ def local_blocks(m: Moments) -> np.ndarray:
 
 @njit(cache=True, inline="always")
 def _local_code(x, hl, search, e):
-    """The code of the search window (as kernels._search's) whose rounding error e, pushed
+    """The code of the search window (as kernels.search_codes's) whose rounding error e, pushed
     through the sub-block's own block of H, e^T H_s e, is lowest; ties to the lower code."""
     amax = np.float32(0.0)
     for j in range(NVFP4_SUB):
@@ -188,7 +188,7 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
                 ur = u[b, j - first, j + 1 - first:j0 + NVFP4_BLOCK - first]
                 for i in range(n):
                     v, di = w[i, j], d[i]
-                    # as kernels._encode_row: the scan only where midpoint tests could tie
+                    # as kernels._nibbles: the scan only where midpoint tests could tie
                     nib = _nearest(v, di) if abs(v) > di * EXACT_RATIO else _signed_level(abs(v), v, di)
                     byte = ib + 4 + s * 8 + (k & 7)
                     out[r0 + i, byte] |= nib << (4 * (k >> 3))
