@@ -1,4 +1,4 @@
-"""GGUF files in and out: memory-mapped reading, float32 row slabs, streamed writing.
+"""GGUF files in and out: headers and mapped views, source rows read into reused buffers, streamed writing.
 
 Reading parses only the header (gguf_header) and memory-maps the data, so a tensor's bytes
 are only touched when its rows are converted, and metadata is copied as the source's own

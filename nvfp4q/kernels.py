@@ -89,7 +89,7 @@ def _nearest(x, d):
 
 
 # Beyond amax > d * 2^21 float32 rounding can tie neighbouring values; below it the
-# midpoint comparisons of _level and _accumulate pick exactly what ggml's 16-value scan picks.
+# midpoint comparisons of _level and _sums pick exactly what ggml's 16-value scan picks.
 EXACT_RATIO = np.float32(2.0**21)
 HALF, ONE_HALF, TWO_HALF, THREE_HALF = np.float32(0.5), np.float32(1.5), np.float32(2.5), np.float32(3.5)
 F5, F7, F10, F12 = (np.float32(v) for v in (5, 7, 10, 12))
