@@ -1,7 +1,8 @@
 """GGUF files in and out: headers and mapped views, source rows read into reused buffers, streamed writing.
 
-Reading parses only the header (gguf_header) and memory-maps the data, so a tensor's bytes
-are only touched when its rows are converted, and metadata is copied as the source's own
+Reading parses only the header (gguf_header) and memory-maps the data (tensors copied as they
+are are written from the mapping; converted rows are read with preadv), so a tensor's bytes are
+only touched when it is written or converted, and metadata is copied as the source's own
 bytes (a 262k-token vocabulary costs milliseconds, not gguf's reader's 20 s). Writing goes
 through gguf's writer for the header, metadata and tensor infos, then tensor data one
 tensor at a time.
