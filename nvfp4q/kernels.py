@@ -329,14 +329,16 @@ def _encode_rows(src, kind, mult, importance, search, weighting, out, r0, r1):
     nsub = x.shape[0] // NVFP4_SUB
     for r in range(r0, r1):
         _load(src, r, kind, mult, x)
-        _row_weights(x, importance, weighting, w)
+        if search > 0:  # without a search (ggml's reference) the weights play no part
+            _row_weights(x, importance, weighting, w)
         for s0 in range(0, nsub, LANES):
             n = min(LANES, nsub - s0)
             for j in range(NVFP4_SUB):
                 for lane in range(LANES):
                     k = (s0 + lane) * NVFP4_SUB + j
                     xs[j, lane] = x[k] if lane < n else np.float32(0.0)
-                    ws[j, lane] = w[k] if lane < n else np.float32(0.0)
+                    if search > 0:
+                        ws[j, lane] = w[k] if lane < n else np.float32(0.0)
             search_codes(scratch, search)
             for lane in range(n):
                 s = s0 + lane
