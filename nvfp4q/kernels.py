@@ -274,61 +274,61 @@ def _output(out, rows: int, nbytes: int) -> np.ndarray:
     return out
 
 
-def _source(x) -> tuple[np.ndarray, int]:
-    """(bytes [rows, row bytes], kind) of 2D source rows."""
+def _source(x) -> tuple[np.ndarray, np.ndarray, int]:
+    """(float32 rows, 16-bit rows, kind) of 2D source rows: the kind's array holds them, the
+    other is empty, so one compiled kernel serves every kind and no kernel reinterprets bytes."""
     x = np.ascontiguousarray(x)
     if x.dtype not in SOURCE_KINDS:
         x = x.astype(np.float32)
-    return x.view(np.uint8).reshape(x.shape[0], x.shape[1] * x.itemsize), SOURCE_KINDS[x.dtype]
+    kind = SOURCE_KINDS[x.dtype]
+    none32, none16 = np.empty((0, 0), np.float32), np.empty((0, 0), np.uint16)
+    return (x, none16, kind) if kind == 0 else (none32, x.view(np.uint16), kind)
 
 
 @njit(cache=True, inline="always")
-def _cols(src, kind):
-    return src.shape[1] // (4 if kind == 0 else 2)
+def _cols(s32, s16, kind):
+    return s32.shape[1] if kind == 0 else s16.shape[1]
 
 
 @njit(cache=True, inline="always")
-def _load(src, r, kind, mult, row):
+def _load(s32, s16, r, kind, mult, row):
     """Row r of the source, decoded, times mult (1, or a power of two: exact) into row."""
     if kind == 0:
-        v = src[r].view(np.float32)
         for j in range(row.shape[0]):
-            row[j] = v[j] * mult
+            row[j] = s32[r, j] * mult
     else:
-        bits = src[r].view(np.uint16)
         table = F16_TO_F32 if kind == 1 else BF16_TO_F32
         for j in range(row.shape[0]):
-            row[j] = table[bits[j]] * mult
+            row[j] = table[s16[r, j]] * mult
 
 
 @njit(cache=True, nogil=True)
-def _decode_rows(src, kind, mult, out, r0, r1):
+def _decode_rows(s32, s16, kind, mult, out, r0, r1):
     for r in range(r0, r1):
-        _load(src, r, kind, mult, out[r])
+        _load(s32, s16, r, kind, mult, out[r])
 
 
 def as_float32(x, mult: float = 1.0) -> np.ndarray:
     """Source rows (float32, float16 or bfloat16 bits) times mult as float32 [rows, cols]."""
     if x.dtype == np.float32 and mult == 1:
         return np.ascontiguousarray(x)
-    src, kind = _source(x)
     out = np.empty((x.shape[0], x.shape[1]), np.float32)
-    over_rows(_decode_rows, x.shape[0], src, kind, np.float32(mult), out)
+    over_rows(_decode_rows, x.shape[0], *_source(x), np.float32(mult), out)
     return out
 
 
 
 
 @njit(cache=True, nogil=True)
-def _encode_rows(src, kind, mult, importance, search, weighting, out, r0, r1):
+def _encode_rows(s32, s16, kind, mult, importance, search, weighting, out, r0, r1):
     """Rows [r0, r1) of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes per row)."""
     scratch = lane_scratch(LANES)
     xs, ws, codes, _, f, _, _ = scratch
-    x = np.empty(_cols(src, kind), np.float32)
+    x = np.empty(_cols(s32, s16, kind), np.float32)
     w = np.empty_like(x)
     nsub = x.shape[0] // NVFP4_SUB
     for r in range(r0, r1):
-        _load(src, r, kind, mult, x)
+        _load(s32, s16, r, kind, mult, x)
         if search > 0:  # without a search (ggml's reference) the weights play no part
             _row_weights(x, importance, weighting, w)
         for s0 in range(0, nsub, LANES):
@@ -393,7 +393,6 @@ def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW, mult=1.0,
     search is the scale-code window S; importance (cols float32) weights the error.
     With search 0 the importance is irrelevant and the bytes are ggml's reference.
     """
-    src, kind = _source(x)
     rows, cols = x.shape
     if cols % NVFP4_BLOCK:
         raise ValueError(f"NVFP4 needs a multiple of {NVFP4_BLOCK} columns, got {cols}")
@@ -403,7 +402,7 @@ def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW, mult=1.0,
     if imp.shape[0] not in (0, cols):
         raise ValueError(f"importance has {imp.shape[0]} values for {cols} columns")
     out = _output(out, rows, cols // NVFP4_BLOCK * NVFP4_BYTES)
-    over_rows(_encode_rows, rows, src, kind, np.float32(mult), imp, search, weighting, out)
+    over_rows(_encode_rows, rows, *_source(x), np.float32(mult), imp, search, weighting, out)
     return out
 
 
@@ -450,10 +449,10 @@ def _store_half(x, out, o):
 
 
 @njit(cache=True, nogil=True)
-def _encode_q8_0(src, kind, mult, out, r0, r1):
-    x = np.empty(_cols(src, kind), np.float32)
+def _encode_q8_0(s32, s16, kind, mult, out, r0, r1):
+    x = np.empty(_cols(s32, s16, kind), np.float32)
     for r in range(r0, r1):
-        _load(src, r, kind, mult, x)
+        _load(s32, s16, r, kind, mult, x)
         for b in range(x.shape[0] // Q8_0_BLOCK):
             off, o = b * Q8_0_BLOCK, b * Q8_0_BYTES
             amax = np.float32(0.0)
@@ -472,12 +471,11 @@ def quantize_q8_0(x, mult=1.0, out=None):
     """Source rows [rows, cols] (float32, float16 or bfloat16 bits) times mult -> uint8
     [rows, cols // 32 * 34] Q8_0 blocks (fp16 d, 32 int8), into out when given (as
     quantize_nvfp4). |x * mult| must stay below 65520 * 127."""
-    src, kind = _source(x)
     rows, cols = x.shape
     if cols % Q8_0_BLOCK:
         raise ValueError(f"Q8_0 needs a multiple of {Q8_0_BLOCK} columns, got {cols}")
     out = _output(out, rows, cols // Q8_0_BLOCK * Q8_0_BYTES)
-    over_rows(_encode_q8_0, rows, src, kind, np.float32(mult), out)
+    over_rows(_encode_q8_0, rows, *_source(x), np.float32(mult), out)
     return out
 
 
@@ -617,42 +615,30 @@ def dequantize_q5_1(blocks):
 
 
 # A float's magnitude bits (sign cleared) order like its magnitude, and from the bits of inf up
-# it is inf or NaN: the scan reads bits, and compiles only for the width the run needs.
+# it is inf or NaN: the scan reads bits in the source's own width. numpy's integer reductions run
+# as fast as a compiled scan, and nothing is compiled for it.
 SCAN_BITS = {0: (np.uint32, 0x7FFFFFFF, 0x7F800000), 1: (np.uint16, 0x7FFF, 0x7C00), 2: (np.uint16, 0x7FFF, 0x7F80)}
-
-
-@njit(cache=True, nogil=True)
-def _row_scan(bits, mask, limit, top, bad, r0, r1):
-    """Each row's largest finite magnitude bits and first column at or above limit (-1: none)."""
-    mags = np.zeros(max(1, bits.shape[1]), bits.dtype)
-    for r in range(r0, r1):
-        for j in range(bits.shape[1]):
-            mags[j] = bits[r, j] & mask  # stored in the bits' own width, where the max vectorizes
-        t = mags[0]
-        for j in range(bits.shape[1]):
-            t = max(t, mags[j])
-        first = -1
-        if t >= limit:  # rare: find the first, and the largest below it
-            t = mags[0] & 0
-            for j in range(bits.shape[1]):
-                m = bits[r, j] & mask
-                if m >= limit:
-                    first = j if first < 0 else first
-                else:
-                    t = max(t, m)
-        top[r], bad[r] = t, first
+SCAN_CHUNK = 1 << 20  # values per pass: the work space stays small and in cache
 
 
 def scan(x):
-    """(largest |x|, (row, col) of the first NaN/Inf or None) of 2D source rows, one pass."""
-    src, kind = _source(x)
-    rows = src.shape[0]
+    """(largest finite |x|, (row, col) of the first NaN/Inf or None) of 2D source rows, one pass."""
+    s32, s16, kind = _source(x)
+    src = s16 if kind else s32
     dt, mask, limit = SCAN_BITS[kind]
-    top = np.zeros(rows, dt)
-    bad = np.empty(rows, np.int64)
-    over_rows(_row_scan, rows, src.view(dt), dt(mask), dt(limit), top, bad)
+    bits = src.view(dt).reshape(-1)
+    work = np.empty(min(bits.size, SCAN_CHUNK), dt)
+    top, where = dt(0), None
+    for i in range(0, bits.size, SCAN_CHUNK):
+        mags = np.bitwise_and(bits[i:i + SCAN_CHUNK], dt(mask), out=work[:min(SCAN_CHUNK, bits.size - i)])
+        t = mags.max()
+        if t >= limit:  # rare: where the first one is, and the largest below them
+            bad = mags >= limit
+            if where is None:
+                where = divmod(i + int(np.argmax(bad)), src.shape[1])
+            t = mags[~bad].max(initial=0)
+        top = max(top, t)
+    top = np.array([top], dt)
     amax = top.view(np.float32) if kind == 0 else top.view(np.float16) if kind == 1 else \
         (top.astype(np.uint32) << 16).view(np.float32)
-    first = np.flatnonzero(bad >= 0)
-    where = (int(first[0]), int(bad[first[0]])) if first.size else None
-    return (float(amax.max()) if amax.size else 0.0), where
+    return float(amax[0]), where
