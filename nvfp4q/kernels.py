@@ -245,14 +245,22 @@ def _scan_search(x, w, first, last):
 
 
 @njit(cache=True, inline="always")
-def _nibbles(x, d, amax, out, o):
-    """A sub-block's 16 nibbles at scale d, packed into out[o:o + 8]."""
-    if amax > d * EXACT_RATIO:
-        for j in range(8):
-            out[o + j] = _nearest(x[j], d) | (_nearest(x[j + 8], d) << 4)
-    else:
-        for j in range(8):  # branch-free: vectorizes
-            out[o + j] = _signed_level(abs(x[j]), x[j], d) | (_signed_level(abs(x[j + 8]), x[j + 8], d) << 4)
+def _pack_lanes(scratch, packed):
+    """Every lane's 16 nibbles at its code's scale, packed two to a byte into packed[:8, lane]:
+    midpoint tests across the lanes (vectorized), ggml's scan for a lane whose scale is too small
+    for them (x, w, codes, a, f, ii, tab = scratch, after search_codes)."""
+    x, _, codes, a, f, _, _ = scratch
+    d = f[3]
+    for lane in range(x.shape[1]):
+        d[lane] = SCALES[codes[lane]]
+    for j in range(8):
+        for lane in range(x.shape[1]):
+            packed[j, lane] = (_signed_level(a[j, lane], x[j, lane], d[lane])
+                               | (_signed_level(a[j + 8, lane], x[j + 8, lane], d[lane]) << 4))
+    for lane in range(x.shape[1]):
+        if f[2, lane] > d[lane] * EXACT_RATIO:  # rare
+            for j in range(8):
+                packed[j, lane] = _nearest(x[j, lane], d[lane]) | (_nearest(x[j + 8, lane], d[lane]) << 4)
 
 
 ROWS_PER_TASK = 16  # rows one thread encodes with one work space
@@ -319,33 +327,48 @@ def as_float32(x, mult: float = 1.0) -> np.ndarray:
 
 
 
+@njit(cache=True, inline="always")
+def _to_lanes(v, s0, n, lanes):
+    """Sub-blocks s0 .. s0 + n - 1 of the row v as lanes (element j of lane l at [j, l]), 0 beyond."""
+    for j in range(NVFP4_SUB):
+        for lane in range(lanes.shape[1]):
+            lanes[j, lane] = v[(s0 + lane) * NVFP4_SUB + j] if lane < n else np.float32(0.0)
+
+
 @njit(cache=True, nogil=True)
 def _encode_rows(s32, s16, kind, mult, importance, search, weighting, out, r0, r1):
     """Rows [r0, r1) of NVFP4 blocks into out (uint8, cols // 64 * 36 bytes per row)."""
-    scratch = lane_scratch(LANES)
-    xs, ws, codes, _, f, _, _ = scratch
+    xs, ws, codes, a, f, ii, tab = lane_scratch(LANES)
+    packed = np.empty((8, LANES), np.uint8)
     x = np.empty(_cols(s32, s16, kind), np.float32)
     w = np.empty_like(x)
     nsub = x.shape[0] // NVFP4_SUB
+    # Without a search (ggml's reference) the weights play no part; where they depend on the
+    # column only, they are put into lanes once, not for every row.
+    by_column = search > 0 and weighting != WEIGHT_GGML
+    wl = np.empty((-(-nsub // LANES) if by_column else 0, NVFP4_SUB, LANES), np.float32)
+    if by_column:
+        _row_weights(x, importance, weighting, w)
+        for s0 in range(0, nsub, LANES):
+            _to_lanes(w, s0, min(LANES, nsub - s0), wl[s0 // LANES])
     for r in range(r0, r1):
         _load(s32, s16, r, kind, mult, x)
-        if search > 0:  # without a search (ggml's reference) the weights play no part
+        if search > 0 and not by_column:
             _row_weights(x, importance, weighting, w)
         for s0 in range(0, nsub, LANES):
             n = min(LANES, nsub - s0)
-            for j in range(NVFP4_SUB):
-                for lane in range(LANES):
-                    k = (s0 + lane) * NVFP4_SUB + j
-                    xs[j, lane] = x[k] if lane < n else np.float32(0.0)
-                    if search > 0:
-                        ws[j, lane] = w[k] if lane < n else np.float32(0.0)
+            _to_lanes(x, s0, n, xs)
+            if search > 0 and not by_column:
+                _to_lanes(w, s0, n, ws)
+            scratch = (xs, wl[s0 // LANES] if by_column else ws, codes, a, f, ii, tab)
             search_codes(scratch, search)
+            _pack_lanes(scratch, packed)
             for lane in range(n):
                 s = s0 + lane
                 ob = s // 4 * NVFP4_BYTES
                 out[r, ob + s % 4] = codes[lane]
-                _nibbles(x[s * NVFP4_SUB:(s + 1) * NVFP4_SUB], SCALES[codes[lane]], f[2, lane], out[r],
-                         ob + 4 + s % 4 * 8)
+                for j in range(8):
+                    out[r, ob + 4 + s % 4 * 8 + j] = packed[j, lane]
 
 
 @njit(cache=True)
