@@ -128,7 +128,7 @@ def _sums(a, w, j0, j1, tab, err):
             aj = a[j, lane]
             q = np.float32(0.0)
             for i in range(7):
-                q += tab[7 + i, lane] if aj > tab[i, lane] else np.float32(0.0)
+                q = q + tab[7 + i, lane] if aj > tab[i, lane] else q  # a masked add
             diff = aj - q
             err[lane] += (w[j, lane] * diff) * diff
 
