@@ -116,14 +116,14 @@ STEPS = np.array([1, 1, 1, 1, 2, 2, 4], np.float32)
 
 
 @njit(cache=True, inline="always")
-def _sums(a, w, j0, j1, tab, err):
-    """err[l] += w (a - q)^2 over elements [j0, j1) of every lane l, at the scale whose
+def _sums(a, w, tab, err):
+    """err[l] += w (a - q)^2 over the elements of every lane l, at the scale whose
     midpoints and steps are tab[:7, l] and tab[7:, l] (_tabulate).
 
     Lanes are independent sub-blocks (element j of lane l at [j, l]), so each lane's sum
     keeps the defined j order while the work is SIMD-wide and free of dependency chains.
     """
-    for j in range(j0, j1):
+    for j in range(NVFP4_SUB):
         for lane in range(err.shape[0]):
             aj = a[j, lane]
             q = np.float32(0.0)
@@ -171,9 +171,7 @@ def search_codes(scratch, search):
     Per lane: ggml's amax / 6 encoded (the only code when search is 0), then the best of the
     window around it (docs/kernels.md), pruned without changing it. Codes are tried at
     offsets 0, -1, -2, ... from base until every lane's clipped largest element alone costs
-    more than its best so far (that term only grows further down), then 1, 2, ... Each
-    offset sums the first 8 elements of every lane, and the last 8 only when some lane's
-    partial sum (which never decreases) is still <= its best.
+    more than its best so far (that term only grows further down), then 1, 2, ...
     """
     x, w, codes, a, f, ii, tab = scratch
     err, best, amax, d = f[0], f[1], f[2], f[3]
@@ -211,19 +209,12 @@ def search_codes(scratch, search):
             _tabulate(d, tab)
             for lane in range(n):
                 err[lane] = np.float32(0.0)
-            for j0 in range(0, NVFP4_SUB, 8):
-                _sums(a, w, j0, j0 + 8, tab, err)
-                go = False
-                for lane in range(n):
-                    go |= err[lane] <= best[lane]
-                if not go:
-                    break
-            if go:
-                for lane in range(n):
-                    c = base[lane] + o
-                    if lo[lane] <= c <= hi[lane] and (err[lane] < best[lane] or (
-                            err[lane] == best[lane] and c < codes[lane])):
-                        best[lane], codes[lane] = err[lane], c
+            _sums(a, w, tab, err)
+            for lane in range(n):
+                c = base[lane] + o
+                if lo[lane] <= c <= hi[lane] and (err[lane] < best[lane] or (
+                        err[lane] == best[lane] and c < codes[lane])):
+                    best[lane], codes[lane] = err[lane], c
         if o <= 0 and live and o > -search:
             o -= 1
         elif o <= 0:
