@@ -191,8 +191,8 @@ def search_codes(scratch, search):
 
     Per lane: ggml's amax / 6 encoded (the only code when search is 0), then the best of the
     window around it (docs/kernels.md), pruned without changing it. Codes are tried at
-    offsets 0, -1, -2, ... from base until every lane's clipped largest element alone costs
-    more than its best so far (that term only grows further down), then 1, 2, ...
+    offsets 0, -1, -2, ... from base until every lane's clipped elements alone (_clipped) cost
+    more than its best so far (that part only grows further down), then 1, 2, ...
     """
     x, w, codes, a, f, ii, tab = scratch
     err, best, amax, d = f[0], f[1], f[2], f[3]
