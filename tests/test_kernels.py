@@ -152,6 +152,21 @@ def test_search_equals_bruteforce(name, search, imp):
     assert np.array_equal(K.quantize_nvfp4(x, importance, search), expected)
 
 
+@pytest.mark.parametrize("search", [0, 4])
+def test_values_beyond_the_midpoint_tests_are_encoded_by_ggmls_scan(search):
+    """Far above 2^21 times the largest scale (only NVFP4 stores such values: Q8_0's half scale
+    cannot), float32 differences tie and the nibbles must come from ggml's 16-value scan, which
+    keeps the first; every third sub-block is ordinary."""
+    x = (np.random.default_rng(9).normal(0, 1, (8, 8, 16)) * 1e11).astype(np.float32)
+    x[:, ::3] *= 1e-6
+    x = x.reshape(8, 128)
+    assert np.abs(x).max() > K.SCALES[K.MAX_CODE] * K.EXACT_RATIO
+    got = K.quantize_nvfp4(x, None, search)
+    assert np.array_equal(got, ref.quantize_nvfp4(x, None, search))
+    if search == 0:
+        assert np.array_equal(got, ggml.quantize(ggml.NVFP4, x))
+
+
 @pytest.mark.parametrize("search", [4, 12])
 def test_search_ggml_weighting_equals_bruteforce(search):
     x = DATA["heavy_bf16"]
