@@ -223,6 +223,14 @@ def test_scan_finds_amax_and_the_first_nonfinite():
     assert K.scan(x) == (7.5, (2, 17))
 
 
+def test_scan_reads_beyond_its_first_chunk():
+    x = np.zeros((K.SCAN_CHUNK // 1024 + 80, 1024), np.float32)
+    x[3, 5], x[-1, 1000] = 7.5, -9.0  # the largest in the last chunk
+    assert K.scan(x) == (9.0, None)
+    x[-40, 7], x[-2, 3] = np.nan, np.inf  # the first non-finite in the second chunk
+    assert K.scan(x) == (9.0, (x.shape[0] - 40, 7))
+
+
 def _as_bf16_bits(x):
     """float32 values exact in bfloat16 -> their bfloat16 bits."""
     return (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
