@@ -257,18 +257,29 @@ def _scan_search(x, w, first, last):
 
 
 @njit(cache=True, inline="always")
+def _nibble_value(a, x, tab, lane):
+    """_signed_level of x (a = |x|) at the scale tabulated in tab[:, lane], as a float32: the
+    midpoint tests are float compares and masked adds, which vectorize across lanes."""
+    m = np.float32(0.0)
+    for i in range(7):
+        m = m + np.float32(1.0) if a > tab[i, lane] else m
+    return m + np.float32(8.0) if (m > np.float32(0.0)) & (x < np.float32(0.0)) else m
+
+
+@njit(cache=True, inline="always")
 def _pack_lanes(scratch, packed):
     """Every lane's 16 nibbles at its code's scale, packed two to a byte into packed[:8, lane]:
     midpoint tests across the lanes (vectorized), ggml's scan for a lane whose scale is too small
     for them (x, w, codes, a, f, ii, tab = scratch, after search_codes)."""
-    x, _, codes, a, f, _, _ = scratch
+    x, _, codes, a, f, _, tab = scratch
     d = f[3]
     for lane in range(x.shape[1]):
         d[lane] = SCALES[codes[lane]]
+    _tabulate(d, tab)
     for j in range(8):
         for lane in range(x.shape[1]):
-            packed[j, lane] = (_signed_level(a[j, lane], x[j, lane], d[lane])
-                               | (_signed_level(a[j + 8, lane], x[j + 8, lane], d[lane]) << 4))
+            packed[j, lane] = np.uint8(_nibble_value(a[j, lane], x[j, lane], tab, lane)
+                                       + np.float32(16.0) * _nibble_value(a[j + 8, lane], x[j + 8, lane], tab, lane))
     for lane in range(x.shape[1]):
         if f[2, lane] > d[lane] * EXACT_RATIO:  # rare
             for j in range(8):
