@@ -97,24 +97,9 @@ def _nearest(x, d):
 
 
 # Beyond amax > d * 2^21 float32 rounding can tie neighbouring values; below it the
-# midpoint comparisons of _level and _sums pick exactly what ggml's 16-value scan picks.
+# midpoint comparisons of _sums and _nibble_value pick exactly what ggml's 16-value scan picks.
 EXACT_RATIO = np.float32(2.0**21)
-HALF, ONE_HALF, TWO_HALF, THREE_HALF = np.float32(0.5), np.float32(1.5), np.float32(2.5), np.float32(3.5)
-F5, F7, F10, F12 = (np.float32(v) for v in (5, 7, 10, 12))
-
-
-@njit(cache=True, inline="always")
-def _level(a, d):
-    """Index into MAGS of the value nearest to a >= 0, ties to the smaller: midpoint tests."""
-    return ((a > HALF * d) + (a > ONE_HALF * d) + (a > TWO_HALF * d) + (a > THREE_HALF * d)
-            + (a > F5 * d) + (a > F7 * d) + (a > F10 * d))
-
-
-@njit(cache=True, inline="always")
-def _signed_level(a, x, d):
-    """Nibble of x (a = |x|) by midpoint tests: its magnitude's index, 8 more when negative and not 0."""
-    m = _level(a, d)
-    return m + 8 * ((m > 0) & (x < np.float32(0.0)))
+F12 = np.float32(12.0)
 
 
 # The midpoints of MAGS and the steps between its values: the value nearest a at scale d is
@@ -258,8 +243,9 @@ def _scan_search(x, w, first, last):
 
 @njit(cache=True, inline="always")
 def _nibble_value(a, x, tab, lane):
-    """_signed_level of x (a = |x|) at the scale tabulated in tab[:, lane], as a float32: the
-    midpoint tests are float compares and masked adds, which vectorize across lanes."""
+    """Nibble of x (a = |x|) at the scale tabulated in tab[:, lane] (_tabulate), as a float32:
+    the index into MAGS of the value nearest a, ties to the smaller, by midpoint tests, 8 more
+    when x is negative and not 0. Float compares and masked adds vectorize across lanes."""
     m = np.float32(0.0)
     for i in range(7):
         m = m + np.float32(1.0) if a > tab[i, lane] else m

@@ -17,7 +17,8 @@ from numba import njit, prange
 
 from nvfp4q.calibration import Moments
 from nvfp4q.kernels import (EXACT_RATIO, KVALUES, LANES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES,
-                            _nearest, _row_weights, _signed_level, lane_scratch, scale_encode, search_codes)
+                            _nearest, _nibble_value, _row_weights, _tabulate, lane_scratch, scale_encode,
+                            search_codes)
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: GPTQ's usual dampening
 # The off-diagonal of H is multiplied by 1 - SHRINK: correlations measured on the calibration text
@@ -186,12 +187,14 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
                             code = scratch[2][i]
                         out[r0 + i, ib + s] = code
                         d[i] = SCALES[code]
+                    _tabulate(d, scratch[6])  # the midpoints and steps of each row's scale
                 inv = np.float32(1.0) / u[b, j - first, j - first]
                 ur = u[b, j - first, j + 1 - first:j0 + NVFP4_BLOCK - first]
                 for i in range(n):
                     v, di = w[i, j], d[i]
-                    # as kernels._nibbles: the scan only where midpoint tests could tie
-                    nib = _nearest(v, di) if abs(v) > di * EXACT_RATIO else _signed_level(abs(v), v, di)
+                    # as kernels._pack_lanes: the scan only where midpoint tests could tie
+                    nib = _nearest(v, di) if abs(v) > di * EXACT_RATIO else np.int64(
+                        _nibble_value(abs(v), v, scratch[6], i))
                     byte = ib + 4 + s * 8 + (k & 7)
                     out[r0 + i, byte] |= nib << (4 * (k >> 3))
                     e = (v - KVALUES[nib] * di) * inv
