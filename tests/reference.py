@@ -84,7 +84,7 @@ def codes(sub: np.ndarray, w: np.ndarray, search: int) -> np.ndarray:
 
 def gptq_nvfp4(x, u, importance=None, search=0) -> np.ndarray:
     """Error feedback the plain way: one column at a time, its error pushed at once onto every
-    later column of its band (docs/rounding.md); the sub-block's code from the weights as they
+    later column of its band (docs/calibration.md); the sub-block's code from the weights as they
     stand when its first column comes up."""
     x = np.asarray(x, dtype=np.float32)
     rows, cols = x.shape
