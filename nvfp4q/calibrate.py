@@ -70,6 +70,7 @@ class Collector:
         self.moments: dict[str, Moments] = {}
         self.sources: dict[str, str] = {}  # weight -> the weight whose moments it shares
         self.diag: dict[str, _Diag] = {}  # expert weights
+        self.first: dict[str, np.ndarray] = {}  # per source: sum of x^2 over the chunks' first rows
         self.step: dict[int, str] = {}  # input tensor address -> source weight, within one decode
         self.pending: list[tuple[str, np.ndarray]] = []
         self.error: BaseException | None = None
@@ -148,16 +149,20 @@ class Collector:
         self.pending, self.step = [], {}
 
     def _accumulate(self, name: str, x: np.ndarray) -> None:
+        """x: one chunk's rows. Its first position (BOS: where attention sinks put activations up to
+        10^5 times the others') goes into the diagonal only (docs/calibration.md)."""
         width = x.shape[1]
         m = self.moments.get(name)
         if m is None:
             band = width if width <= self.band else self.band
             n_blocks = -(-width // band)
             m = self.moments[name] = Moments(width, 0.0, np.zeros((n_blocks, band, band), np.float32),
-                                             _offband(x, band))
+                                             _offband(x[1:], band))
+            self.first[name] = np.zeros(width)
+        self.first[name] += np.square(x[0], dtype=np.float64)
         band = m.band
         for b in range(m.blocks.shape[0]):
-            xb = x[:, b * band:(b + 1) * band]
+            xb = x[1:, b * band:(b + 1) * band]
             k = xb.shape[1]
             m.blocks[b, :k, :k] += xb.T @ xb
         m.count += x.shape[0]
@@ -241,7 +246,7 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
         runner.close()
     if not collector.moments and not collector.diag:
         raise UserError(f"{model}: no matrix multiplication with a blk.* weight was seen")
-    diag = {n: (collector.moments[s].diagonal()[None], np.float32([collector.moments[s].count]))
+    diag = {n: ((collector.moments[s].diagonal() + collector.first[s])[None], np.float32([collector.moments[s].count]))
             for n, s in collector.sources.items()}
     diag |= {n: (d.sums.astype(np.float32), d.counts.astype(np.float32)) for n, d in collector.diag.items()}
     path = calibration.write(out, collector.moments, collector.sources, diag, Path(text_path).name,

@@ -2,7 +2,8 @@
 
 Beside llama-imatrix's own tensors (`<weight>.in_sum2`, `<weight>.counts`: any tool that reads
 an imatrix reads this file), it holds for each distinct weight input the sum over the calibration
-tokens of x x^T (`<weight>.xtx`, F32, ggml shape [band, band, blocks]). An input at most `band`
+tokens of x x^T (`<weight>.xtx`, F32, ggml shape [band, band, blocks]), less each chunk's first
+token, whose x^2 is in `in_sum2` only (docs/calibration.md). An input at most `band`
 wide has one block, the whole matrix; a wider one keeps its diagonal band x band blocks (zero
 padded at the end), the approximation the rounding then honours, and the share of the Frobenius
 norm it drops, measured on the first chunk. Weights that read the same input (q/k/v, gate/up) share
@@ -29,7 +30,8 @@ KEY_CTX = "nvfp4q.calibration.ctx"
 
 @dataclass
 class Moments:
-    """One input's sum of x x^T over `count` tokens, as diagonal blocks of `band`."""
+    """One input's sum of x x^T over the calibration tokens but each chunk's first (`count` is all
+    of them: the scale of H does not change the rounding), as diagonal blocks of `band`."""
 
     width: int
     count: float
