@@ -121,9 +121,12 @@ def quantize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List tensors without imatrix data.")] = False,
 ) -> None:
     """Quantize SRC into OUT: 2D weights to NVFP4, embeddings and output to Q8_0."""
-    # Before numpy loads: OpenBLAS's threads spin on after each --calibration factor and slowed the
-    # Numba kernels beside them (SmolLM2: 11.7 s -> 7.1 s with one; the bytes are the same)
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # Before numpy loads: the --calibration factors' products use the run's threads (their bits do
+    # not depend on it), which sleep as soon as a product ends: spinning on, as OpenBLAS's threads
+    # do by default, they slowed the Numba kernels beside them (SmolLM2: 10.0-10.5 s, one thread
+    # 7.0-7.6 s, two that sleep 6.6-7.4 s; the same bytes)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads or os.cpu_count() or 1))
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles, OpenBLAS's shortest
     from nvfp4q import report
     from nvfp4q.global_scale import MODES
     from nvfp4q.plan import FLOAT_SOURCES, Options, parse_tensor_type

@@ -103,3 +103,31 @@ def test_dead_inputs_and_a_zero_count_block_do_not_break_the_factor():
     zero = Moments(128, 1.0, np.zeros((1, 128, 128), np.float32))
     w = (rng.standard_normal((4, 128)) * 0.05).astype(np.float32)
     assert np.array_equal(rounding.quantize_nvfp4(w, rounding.factor(zero)), kernels.quantize_nvfp4(w))
+
+
+FACTOR_HASH = """
+import hashlib, sys, numpy as np
+sys.path[:0] = sys.argv[1:]
+from test_rounding import correlated, moments
+from nvfp4q import rounding
+x = correlated(np.random.default_rng(5), 3000, 1536)
+print(hashlib.sha256(rounding.factor(moments(x)).tobytes()).hexdigest())
+"""
+
+
+def test_factor_bits_do_not_depend_on_openblas_threads():
+    """quantize lets OpenBLAS use the run's threads: a factor wide enough for them to split its
+    products must come out the same bits as on one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    hashes = set()
+    for n in (1, 2, 3):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n)}
+        proc = subprocess.run([sys.executable, "-c", FACTOR_HASH, str(here), str(here.parent)], env=env,
+                              capture_output=True, text=True, check=True)
+        hashes.add(proc.stdout.strip())
+    assert len(hashes) == 1
