@@ -246,7 +246,8 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
         runner.close()
     if not collector.moments and not collector.diag:
         raise UserError(f"{model}: no matrix multiplication with a blk.* weight was seen")
-    diag = {n: ((collector.moments[s].diagonal() + collector.first[s])[None], np.float32([collector.moments[s].count]))
+    ms = collector.moments
+    diag = {n: ((ms[s].diagonal() + collector.first[s])[None], np.float32([ms[s].count]))
             for n, s in collector.sources.items()}
     diag |= {n: (d.sums.astype(np.float32), d.counts.astype(np.float32)) for n, d in collector.diag.items()}
     path = calibration.write(out, collector.moments, collector.sources, diag, Path(text_path).name,
