@@ -206,12 +206,10 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
             if feedback and j0 + NVFP4_BLOCK < stop:
                 # four errors per pass over a row, each element still taking them one by one in
                 # column order (the same operations as four passes): a quarter of the loads and stores
+                lo, hi = j0 + NVFP4_BLOCK - first, stop - first
                 for jb in range(0, NVFP4_BLOCK, 4):
                     k0 = j0 + jb - first
-                    u0 = u[b, k0, j0 + NVFP4_BLOCK - first:stop - first]
-                    u1 = u[b, k0 + 1, j0 + NVFP4_BLOCK - first:stop - first]
-                    u2 = u[b, k0 + 2, j0 + NVFP4_BLOCK - first:stop - first]
-                    u3 = u[b, k0 + 3, j0 + NVFP4_BLOCK - first:stop - first]
+                    u0, u1, u2, u3 = u[b, k0, lo:hi], u[b, k0 + 1, lo:hi], u[b, k0 + 2, lo:hi], u[b, k0 + 3, lo:hi]
                     for i in range(n):
                         e0, e1, e2, e3 = err[i, jb], err[i, jb + 1], err[i, jb + 2], err[i, jb + 3]
                         rest = w[i, j0 + NVFP4_BLOCK:stop]

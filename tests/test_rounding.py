@@ -1,5 +1,10 @@
 """Error-feedback rounding (nvfp4q/rounding.py) against its plain definition and its purpose."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -118,11 +123,6 @@ print(hashlib.sha256(rounding.factor(moments(x)).tobytes()).hexdigest())
 def test_factor_bits_do_not_depend_on_openblas_threads():
     """quantize lets OpenBLAS use the run's threads: a factor wide enough for them to split its
     products must come out the same bits as on one."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     here = Path(__file__).parent
     hashes = set()
     for n in (1, 2, 3):
