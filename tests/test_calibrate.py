@@ -136,6 +136,18 @@ def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error
                                              "error_feedback": True}
 
 
+def test_calibration_shrunk_to_its_diagonal_gives_the_imatrix_search_bytes(calibrated, tmp_path):
+    """--shrink 1 leaves H's diagonal: nothing moves, and every tensor is the search's with the
+    file read as an imatrix, through the whole quantize path."""
+    src, _, cal_path, _ = calibrated
+    plain, diag = tmp_path / "plain.gguf", tmp_path / "diag.gguf"
+    run_cli("quantize", src, plain, "--imatrix", cal_path, "-q", check=True)
+    run_cli("quantize", src, diag, "--calibration", cal_path, "--shrink", 1, "-q", check=True)
+    ps, ds = tensors(plain), tensors(diag)
+    assert ps.keys() == ds.keys() and any(t.tensor_type.name == "NVFP4" for t in ps.values())
+    assert all(np.array_equal(ps[n].data, ds[n].data) for n in ps)
+
+
 def test_same_bytes_whatever_the_thread_counts(calibrated, tmp_path):
     src, _, cal_path, _ = calibrated
     outs = []
