@@ -27,6 +27,15 @@ def calibrated(tmp_path_factory):
     return src, text, cal, json.loads(proc.stdout)
 
 
+@pytest.fixture(scope="module")
+def searched(calibrated, tmp_path_factory):
+    """The tiny model quantized with the calibration file read as an ordinary imatrix."""
+    src, _, cal_path, _ = calibrated
+    out = tmp_path_factory.mktemp("searched") / "plain.gguf"
+    run_cli("quantize", src, out, "--imatrix", cal_path, "-q", check=True)
+    return out
+
+
 def layer0_input(src, text) -> np.ndarray:
     """The first layer's attention input computed here from the file's weights, chunk by chunk as
     llama-imatrix cuts the text: rmsnorm(embedding) * attn_norm."""
@@ -105,15 +114,14 @@ def test_band_keeps_diagonal_blocks_and_reports_what_it_drops(calibrated, tmp_pa
                                rtol=1e-5, atol=1e-5 * np.abs(f.blocks).max())
 
 
-def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error(calibrated, tmp_path):
+def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error(calibrated, searched, tmp_path):
     src, _, cal_path, _ = calibrated
-    plain, fed = tmp_path / "plain.gguf", tmp_path / "fed.gguf"
-    run_cli("quantize", src, plain, "--imatrix", cal_path, "-q", check=True)
+    fed = tmp_path / "fed.gguf"
     run_cli("quantize", src, fed, "--calibration", cal_path, "-q", check=True)
     base = logits(src)
     assert rel_rmse(logits(fed), base) < 0.2
     cal = calibration.load(cal_path)
-    srcs, ps, fs = tensors(src), tensors(plain), tensors(fed)
+    srcs, ps, fs = tensors(src), tensors(searched), tensors(fed)
     lower = 0
     for name in cal.sources:
         if ps[name].tensor_type.name != "NVFP4":
@@ -136,14 +144,13 @@ def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error
                                              "error_feedback": True}
 
 
-def test_calibration_shrunk_to_its_diagonal_gives_the_imatrix_search_bytes(calibrated, tmp_path):
+def test_calibration_shrunk_to_its_diagonal_gives_the_imatrix_search_bytes(calibrated, searched, tmp_path):
     """--shrink 1 leaves H's diagonal: nothing moves, and every tensor is the search's with the
     file read as an imatrix, through the whole quantize path."""
     src, _, cal_path, _ = calibrated
-    plain, diag = tmp_path / "plain.gguf", tmp_path / "diag.gguf"
-    run_cli("quantize", src, plain, "--imatrix", cal_path, "-q", check=True)
+    diag = tmp_path / "diag.gguf"
     run_cli("quantize", src, diag, "--calibration", cal_path, "--shrink", 1, "-q", check=True)
-    ps, ds = tensors(plain), tensors(diag)
+    ps, ds = tensors(searched), tensors(diag)
     assert ps.keys() == ds.keys() and any(t.tensor_type.name == "NVFP4" for t in ps.values())
     assert all(np.array_equal(ps[n].data, ds[n].data) for n in ps)
 
