@@ -44,6 +44,7 @@ class Settings:
     shrink: float = rounding.SHRINK
     scales: str = "search"  # one of SCALE_CHOICES
     feedback: bool = True  # with a calibration: error feedback through its covariance
+    rank: int = rounding.RANK  # inputs wider than rounding.WIDTH_PER_RANK * rank: a rank-`rank` covariance
     include_weights: tuple[str, ...] = ()
     exclude_weights: tuple[str, ...] = ()
     allow_requantize: bool = False
@@ -241,7 +242,7 @@ def _encode(step: Step, rows: np.ndarray, mult: np.float32, importance: np.ndarr
     """Source rows times mult in the step's type, into out (their rows of the output)."""
     if fed is not None:
         out[...] = rounding.quantize_nvfp4(kernels.as_float32(rows, mult), fed[0], importance, s.search, _mode(s),
-                                           fed[1], s.feedback)
+                                           fed[1], s.feedback, fed[2])
     else:
         codecs.encode(step.type, rows, importance, s.search, _mode(s), mult, out)
 
@@ -274,8 +275,8 @@ def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
 
 
 def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
-    """(U, local H blocks or None) for a tensor with calibrated moments, made once per input
-    (q/k/v and gate/up share it); without error feedback U is the identity."""
+    """(U, local H blocks or None, low-rank terms or None) for a tensor with calibrated moments,
+    made once per input (q/k/v and gate/up share it); without error feedback U is the identity."""
     if job.calib is None or step.type != T.NVFP4:
         return None
     src = job.calib.sources.get(step.tensor.name)
@@ -284,12 +285,18 @@ def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
     if src not in job.rounding_of:
         m = job.calib.moments[src]
         try:
-            u = rounding.factor(m, s.damp, s.shrink) if s.feedback else rounding.identity(m.width)
+            low = None
+            if not s.feedback:
+                u = rounding.identity(m.width)
+            elif s.rank and m.width > rounding.WIDTH_PER_RANK * s.rank:
+                u, *low = rounding.low_rank(m, s.rank, s.damp, s.shrink)
+            else:
+                u = rounding.factor(m, s.damp, s.shrink)
         except ValueError as e:
             raise UserError(f"{job.calib.path}: {src}: {e}") from None
         if len(job.rounding_of) >= ROUNDING_CACHE:  # tensors come sorted by name, a layer's inputs interleave
             del job.rounding_of[next(iter(job.rounding_of))]
-        job.rounding_of[src] = (u, rounding.local_blocks(m) if s.scales == "local" else None)
+        job.rounding_of[src] = (u, rounding.local_blocks(m) if s.scales == "local" else None, low)
     return job.rounding_of[src]
 
 
@@ -345,6 +352,7 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
         g.add_float32("nvfp4q.calibration.shrink", s.shrink)
         g.add_string("nvfp4q.calibration.scales", s.scales)
         g.add_bool("nvfp4q.calibration.feedback", s.feedback)
+        g.add_uint32("nvfp4q.calibration.rank", s.rank)
         g.add_uint32("nvfp4q.calibration.tensors", sum(1 for st in job.plan if st.type == T.NVFP4
                                                        and st.tensor.name in job.calib.sources))
     if job.allocation is not None:

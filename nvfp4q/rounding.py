@@ -10,6 +10,10 @@ far, weighted by diag(H) (the imatrix). A diagonal H gives a diagonal U, nothing
 bytes are the search's. Where H is kept as diagonal blocks (calibration.py) the updates stay
 inside each block. Sidecars and rescaling scale whole tensors or inputs by one number, which
 scales H or W uniformly: U's ratios, and so the result, are unchanged.
+
+The whole U costs cols / 2 multiply-adds per weight, which outgrows the search on wide inputs;
+low_rank() keeps the diagonal and the leading `rank` directions of the correlations instead,
+H ~ Delta + V V^T, whose feedback is exact for that H and costs about 2 * rank per weight.
 """
 
 import numpy as np
@@ -29,6 +33,12 @@ NOT_DEFINITE = "the covariance is not positive definite"
 # Rows updated together (each row of U is read once per tile), and the search's lanes: as many
 # as the search's own, whose loops vectorize 16 lanes wide (8 left them scalar: 3x slower).
 TILE = LANES
+RANK = 64  # the low-rank approximation's rank (--rank)
+# Inputs wider than this times the rank take low_rank(): the whole U's feedback (width / 2 per
+# weight) would cost more than 8 times the low-rank one's (2 * rank), which loses a little
+# (docs/calibration.md); narrower ones keep the whole covariance.
+WIDTH_PER_RANK = 32
+POWER_STEPS = 4  # subspace iterations that find the leading directions
 
 
 def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray:
@@ -79,21 +89,32 @@ def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def _small_cholesky_inverse(h):
-    n = h.shape[0]
-    low = np.zeros((n, n), h.dtype)
+def _cholesky(a, tiny):
+    """Lower L with L L^T = a, in a's precision; a pivot not above tiny leaves its column zero
+    (a direction that a positive semidefinite a lacks)."""
+    n = a.shape[0]
+    low = np.zeros((n, n), a.dtype)
     for j in range(n):
-        s = h[j, j]
+        s = a[j, j]
         for k in range(j):
             s -= low[j, k] * low[j, k]
-        if not s > 0:
+        if s > tiny:
+            low[j, j] = np.sqrt(s)
+            for i in range(j + 1, n):
+                t = a[i, j]
+                for k in range(j):
+                    t -= low[i, k] * low[j, k]
+                low[i, j] = t / low[j, j]
+    return low
+
+
+@njit(cache=True)
+def _small_cholesky_inverse(h):
+    n = h.shape[0]
+    low = _cholesky(h, 0.0)
+    for j in range(n):
+        if not low[j, j] > 0:
             raise ValueError(NOT_DEFINITE)
-        low[j, j] = np.sqrt(s)
-        for i in range(j + 1, n):
-            s = h[i, j]
-            for k in range(j):
-                s -= low[i, k] * low[j, k]
-            low[i, j] = s / low[j, j]
     inv = np.zeros((n, n), h.dtype)
     for j in range(n):  # forward substitution, column by column of the identity
         inv[j, j] = 1.0 / low[j, j]
@@ -108,6 +129,134 @@ def _small_cholesky_inverse(h):
 def identity(width: int) -> np.ndarray:
     """The U of a diagonal H in 64-wide bands: no error moves."""
     return np.broadcast_to(np.eye(NVFP4_BLOCK, dtype=np.float32), (-(-width // NVFP4_BLOCK), NVFP4_BLOCK, NVFP4_BLOCK))
+
+
+def low_rank(m: Moments, rank: int = RANK, damp: float = DAMP, shrink: float = SHRINK) -> tuple:
+    """(U, V / Delta, G) for H ~ Delta + V V^T per diagonal block (low_rank_terms()).
+
+    For that H, quantizing column j with error e moves a later column l of its block by
+    e * (V_l / Delta_l) . G_j with G_j = P_j V_j, P_j = (I + sum_{m > j} V_m V_m^T / Delta_m)^-1
+    (Woodbury); the kernel adds e * G_j into a per-row sum that each 64-column block reads at
+    its start, and U ([cols / 64, 64, 64], 1 on its diagonal) carries the same updates inside a
+    block as factor()'s U would. Only matrix products with the rows split, and loops of our own:
+    the bits do not depend on the thread count.
+    """
+    n_blocks, band = m.blocks.shape[0], m.blocks.shape[1]
+    rank = min(rank, band)
+    vd = np.zeros((n_blocks, band, rank), np.float32)
+    g = np.zeros((n_blocks, band, rank), np.float32)
+    for b, (v, delta) in enumerate(low_rank_terms(m, rank, damp, shrink)):
+        g[b] = _generators(v, delta)
+        vd[b] = v / delta[:, None]
+    return _couplings(vd, g), vd, g
+
+
+def low_rank_terms(m: Moments, rank: int, damp: float, shrink: float):
+    """Per diagonal block, (V, Delta) in float64: V the leading `rank` directions of the
+    correlations (H_ij / sqrt(H_ii H_jj)) scaled back, times sqrt(1 - shrink) as factor() shrinks
+    the off-diagonal, and Delta what is left of H's damped diagonal (at least the damping), so
+    that Delta + V V^T has H's diagonal. An unused column gets Delta 1 and V 0."""
+    band = m.blocks.shape[1]
+    with np.errstate(all="ignore"):
+        diag = m.diagonal() / m.count
+        live = diag > 0
+        lam = damp * diag[live].mean() if live.any() else 1.0
+        for b in range(m.blocks.shape[0]):
+            d = np.diagonal(m.blocks[b]).astype(np.float64) / m.count
+            d[np.arange(b * band, (b + 1) * band) >= m.width] = 0.0
+            root = np.sqrt(np.maximum(d, 0.0))
+            inv = np.where(d > 0, 1.0 / root, 0.0).astype(np.float32)
+            corr = m.blocks[b] * np.float32(1.0 / m.count) * inv[:, None] * inv[None, :]
+            v = _leading(corr, min(rank, band)) * (root * np.sqrt(1.0 - shrink))[:, None]
+            delta = np.where(d > 0, np.maximum(d + lam - np.sum(v * v, axis=1), lam), 1.0)
+            if not (np.all(np.isfinite(v)) and np.all(np.isfinite(delta))):
+                raise ValueError(NOT_DEFINITE)
+            yield v, delta
+
+
+def _leading(c: np.ndarray, rank: int) -> np.ndarray:
+    """float64 [n, rank] W with W W^T the projection of c onto its leading `rank` directions,
+    found by subspace iteration from a fixed start."""
+    q = np.random.default_rng(0).standard_normal((c.shape[0], rank)).astype(np.float32)
+    for _ in range(POWER_STEPS):
+        q = _orthonormal((c @ q).astype(np.float64)).astype(np.float32)
+    y = (c @ q).astype(np.float64)
+    q64 = q.astype(np.float64)
+    return q64 @ _psd_cholesky(_products(q64, y))
+
+
+@njit(cache=True)
+def _products(a, b):
+    """a^T b in float64, summed in row order."""
+    out = np.zeros((a.shape[1], b.shape[1]))
+    for r in range(a.shape[0]):
+        for i in range(a.shape[1]):
+            for j in range(b.shape[1]):
+                out[i, j] += a[r, i] * b[r, j]
+    return out
+
+
+@njit(cache=True)
+def _psd_cholesky(a):
+    """_cholesky of a positive semidefinite a, pivots up to 1e-12 of its largest diagonal taken as 0."""
+    return _cholesky(a, 1e-12 * max(np.max(np.diag(a)), 1e-300))
+
+
+@njit(cache=True)
+def _orthonormal(y):
+    """y's columns made orthonormal (Cholesky QR, twice); lacking directions become zero."""
+    for _ in range(2):
+        low = _psd_cholesky(_products(y, y))
+        q = np.zeros_like(y)
+        for r in range(y.shape[0]):  # q[r] = L^-1 y[r]
+            for j in range(y.shape[1]):
+                if low[j, j] > 0:
+                    t = y[r, j]
+                    for k in range(j):
+                        t -= low[j, k] * q[r, k]
+                    q[r, j] = t / low[j, j]
+        y = q
+    return y
+
+
+@njit(cache=True)
+def _generators(v, delta):
+    """G_j = P_j V_j, P_j from the last column back by Sherman-Morrison, in float64."""
+    n, k = v.shape
+    p = np.eye(k)
+    g = np.empty((n, k), np.float32)
+    pv = np.empty(k)
+    for j in range(n - 1, -1, -1):
+        den = delta[j]
+        for a in range(k):
+            t = 0.0
+            for b in range(k):
+                t += p[a, b] * v[j, b]
+            pv[a] = t
+            den += v[j, a] * t
+        for a in range(k):
+            g[j, a] = pv[a]
+            for b in range(k):
+                p[a, b] -= pv[a] * pv[b] / den
+    return g
+
+
+@njit(cache=True)
+def _couplings(vd, g):
+    """U of 64-column blocks for the low-rank H: 1 on the diagonal, -(V_l / Delta_l) . G_j at
+    (j, l) for l after j in the block, so that the kernel's update -e * U[j, l] is e's share."""
+    n_blocks, band, k = vd.shape
+    u = np.zeros((n_blocks * band // NVFP4_BLOCK, NVFP4_BLOCK, NVFP4_BLOCK), np.float32)
+    for t in range(u.shape[0]):
+        b, o = divmod(t * NVFP4_BLOCK, band)
+        for j in range(NVFP4_BLOCK):
+            u[t, j, j] = 1.0
+            for l in range(j + 1, NVFP4_BLOCK):
+                s = 0.0
+                for a in range(k):
+                    s += np.float64(vd[b, o + l, a]) * g[b, o + j, a]
+                u[t, j, l] = -s
+    return u
 
 
 def local_blocks(m: Moments) -> np.ndarray:
@@ -149,12 +298,15 @@ def _local_code(x, hl, search, e):
 
 
 @njit(cache=True, parallel=True)
-def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
+def _encode_gptq(x, u, vd, g, importance, search, weighting, hloc, feedback, out):
     """Tiles of rows; inside a 64-column block every column's error moves the block's later
     columns at once, the columns after the block take the block's 64 errors afterwards, in
-    column order: each weight sees the updates in the same order as one column at a time."""
+    column order: each weight sees the updates in the same order as one column at a time.
+    With low_rank()'s vd and g (else empty), the errors go into a per-row sum instead, which each
+    block reads at its start (the sum restarts with each of the covariance's blocks)."""
     rows, cols = x.shape
     band = u.shape[1]
+    rank, lr_band = vd.shape[2], vd.shape[1]
     for t in prange((rows + TILE - 1) // TILE):
         r0 = t * TILE
         n = min(TILE, rows - r0)
@@ -166,11 +318,15 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
         d = np.empty(n, np.float32)
         err = np.empty((n, NVFP4_BLOCK), np.float32)
         e16 = np.empty(NVFP4_SUB, np.float64)
+        acc = np.zeros((rank, TILE), np.float32)
+        pull = np.empty((NVFP4_BLOCK, TILE), np.float32)
         for j0 in range(0, cols, NVFP4_BLOCK):
             ib = j0 // NVFP4_BLOCK * NVFP4_BYTES
             b = j0 // band
             first = b * band
             stop = min(cols, first + band)
+            if rank > 0 and feedback:
+                _pull(w, n, acc, vd[j0 // lr_band], j0, j0 % lr_band, pull)
             for jb in range(NVFP4_BLOCK):
                 j, s, k = j0 + jb, jb // NVFP4_SUB, jb % NVFP4_SUB
                 if k == 0:
@@ -203,6 +359,8 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
                         rest = w[i, j + 1:j0 + NVFP4_BLOCK]
                         for c in range(rest.shape[0]):  # from 0: provably in bounds, so it vectorizes
                             rest[c] -= e * ur[c]
+            if rank > 0 and feedback:
+                _push(err, n, acc, g[j0 // lr_band], j0 % lr_band, pull[0])
             if feedback and j0 + NVFP4_BLOCK < stop:
                 # four errors per pass over a row, each element still taking them one by one in
                 # column order (the same operations as four passes): a quarter of the loads and stores
@@ -217,11 +375,44 @@ def _encode_gptq(x, u, importance, search, weighting, hloc, feedback, out):
                             rest[c] = (((rest[c] - e0 * u0[c]) - e1 * u1[c]) - e2 * u2[c]) - e3 * u3[c]
 
 
-def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feedback=True):
+@njit(cache=True, inline="always")
+def _pull(w, n, acc, vd, j0, o, pull):
+    """The block's columns take what the errors before it in its covariance block owe them
+    (acc . V_l / Delta_l, summed in rank order); at the covariance block's start acc is reset.
+    The rank is the outer loop, so that the 64 x 64 sums are added along the rows."""
+    if o == 0:
+        acc[:] = np.float32(0.0)
+        return
+    pull[:] = np.float32(0.0)
+    for a in range(acc.shape[0]):
+        for c in range(NVFP4_BLOCK):
+            va = vd[o + c, a]
+            for i in range(TILE):
+                pull[c, i] += va * acc[a, i]
+    for i in range(n):
+        for c in range(NVFP4_BLOCK):
+            w[i, j0 + c] += pull[c, i]
+
+
+@njit(cache=True, inline="always")
+def _push(err, n, acc, g, o, column):
+    """The block's errors into acc, in column order (a column's errors gathered first, so that
+    the loop runs along the rows)."""
+    for c in range(NVFP4_BLOCK):
+        column[:] = np.float32(0.0)
+        for i in range(n):
+            column[i] = err[i, c]
+        for a in range(acc.shape[0]):
+            ga = g[o + c, a]
+            for i in range(TILE):
+                acc[a, i] += column[i] * ga
+
+
+def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feedback=True, low=None):
     """float32 [rows, cols] -> NVFP4 blocks as kernels.quantize_nvfp4, rounded with error
-    feedback through u (factor()) unless not feedback, the scales chosen on hloc
-    (local_blocks()) when given, else by the search; the bytes do not depend on the thread
-    count (rows are independent, each in a fixed order)."""
+    feedback through u (factor()) unless not feedback, or through low = (V / Delta, G) with
+    low_rank()'s u; the scales chosen on hloc (local_blocks()) when given, else by the search;
+    the bytes do not depend on the thread count (rows are independent, each in a fixed order)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
     if cols % NVFP4_BLOCK:
@@ -231,5 +422,7 @@ def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feed
     imp = np.empty(0, np.float32) if importance is None else np.ascontiguousarray(importance, np.float32)
     out = np.zeros((rows, cols // NVFP4_BLOCK * NVFP4_BYTES), dtype=np.uint8)
     hl = np.empty((0, NVFP4_SUB, NVFP4_SUB), np.float32) if hloc is None else np.ascontiguousarray(hloc, np.float32)
-    _encode_gptq(x, np.ascontiguousarray(u, np.float32), imp, search, weighting, hl, feedback, out)
+    none = np.empty((0, 1, 0), np.float32)
+    vd, g = (none, none) if low is None else (np.ascontiguousarray(a, np.float32) for a in low)
+    _encode_gptq(x, np.ascontiguousarray(u, np.float32), vd, g, imp, search, weighting, hl, feedback, out)
     return out

@@ -82,10 +82,13 @@ def codes(sub: np.ndarray, w: np.ndarray, search: int) -> np.ndarray:
     return code
 
 
-def gptq_nvfp4(x, u, importance=None, search=0) -> np.ndarray:
+def gptq_nvfp4(x, u, importance=None, search=0, low=None) -> np.ndarray:
     """Error feedback the plain way: one column at a time, its error pushed at once onto every
     later column of its band (docs/calibration.md); the sub-block's code from the weights as they
-    stand when its first column comes up."""
+    stand when its first column comes up. With low = (V / Delta, G) (rounding.low_rank), the
+    errors before a 64-column block reach it at its start through their sum times G: each
+    column gets sum_a (V / Delta)[a] * acc[a], acc summed in column order from the covariance
+    block's start."""
     x = np.asarray(x, dtype=np.float32)
     rows, cols = x.shape
     band = u.shape[1]
@@ -95,6 +98,15 @@ def gptq_nvfp4(x, u, importance=None, search=0) -> np.ndarray:
         w = x[r].copy()
         for j in range(cols):
             ib, s, k = j // 64 * 36, j % 64 // 16, j % 16
+            if low is not None and j % 64 == 0:
+                vd, g = low[0].reshape(-1, low[0].shape[2]), low[1].reshape(-1, low[1].shape[2])
+                if j % low[0].shape[1] == 0:
+                    acc = np.zeros(vd.shape[1], np.float32)
+                for c in range(j, j + 64):
+                    pull = np.float32(0)
+                    for a in range(vd.shape[1]):
+                        pull = pull + vd[c, a] * acc[a]
+                    w[c] = w[c] + pull
             if k == 0:
                 code = int(codes(w[None, j:j + 16], imp[r, None, j:j + 16], search)[0])
                 out[r, ib + s] = code
@@ -105,6 +117,8 @@ def gptq_nvfp4(x, u, importance=None, search=0) -> np.ndarray:
             e = (w[j] - KV[nib] * d) * (np.float32(1) / u[b, jj, jj])
             stop = min(cols, (b + 1) * band)
             w[j + 1:stop] = w[j + 1:stop] - e * u[b, jj, jj + 1:stop - b * band]
+            if low is not None:
+                acc = acc + e * g[j]
     return out
 
 

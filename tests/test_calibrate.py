@@ -118,11 +118,23 @@ def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error
     src, _, cal_path, _ = calibrated
     fed = tmp_path / "fed.gguf"
     run_cli("quantize", src, fed, "--calibration", cal_path, "-q", check=True)
-    base = logits(src)
-    assert rel_rmse(logits(fed), base) < 0.2
+    assert rel_rmse(logits(fed), logits(src)) < 0.2
+    lower, nvfp4 = lower_output_errors(src, cal_path, searched, fed)
+    assert lower == nvfp4 > 0
+    meta = GGUFReader(fed).get_field("nvfp4q.calibration.tensors")
+    assert meta is not None and meta.contents() > 0
+    doc = json.loads(run_cli("quantize", src, tmp_path / "dry.gguf", "--calibration", cal_path, "--shrink", 0.3,
+                             "--dry-run", "--json", check=True).stdout)
+    assert doc["options"]["calibration"] == {"path": str(cal_path), "shrink": 0.3, "damp": 0.01, "scales": "search",
+                                             "error_feedback": True, "rank": 64}
+
+
+def lower_output_errors(src, cal_path, plain, fed) -> tuple[int, int]:
+    """Of the NVFP4 tensors with a covariance, how many pass on a lower error tr(E H E^T) in fed
+    than in plain, and how many there are."""
     cal = calibration.load(cal_path)
-    srcs, ps, fs = tensors(src), tensors(searched), tensors(fed)
-    lower = 0
+    srcs, ps, fs = tensors(src), tensors(plain), tensors(fed)
+    lower = nvfp4 = 0
     for name in cal.sources:
         if ps[name].tensor_type.name != "NVFP4":
             continue
@@ -135,13 +147,27 @@ def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error
             e = dequantize(t.data, t.tensor_type).astype(np.float64) * g - w
             errs.append(np.einsum("ij,jk,ik->", e, h, e))
         lower += errs[1] < errs[0]
-    assert lower == sum(ps[n].tensor_type.name == "NVFP4" for n in cal.sources) > 0
-    meta = GGUFReader(fed).get_field("nvfp4q.calibration.tensors")
-    assert meta is not None and meta.contents() > 0
-    doc = json.loads(run_cli("quantize", src, tmp_path / "dry.gguf", "--calibration", cal_path, "--shrink", 0.3,
-                             "--dry-run", "--json", check=True).stdout)
-    assert doc["options"]["calibration"] == {"path": str(cal_path), "shrink": 0.3, "damp": 0.01, "scales": "search",
-                                             "error_feedback": True}
+        nvfp4 += 1
+    return lower, nvfp4
+
+
+def test_low_rank_covariances_through_quantize(calibrated, searched, tmp_path):
+    """--rank 4 puts every input of the tiny model (wider than 32 x 4) on the low-rank feedback:
+    it runs in llama.cpp, passes on less error than the search, and its bytes do not depend on
+    the thread count."""
+    src, _, cal_path, _ = calibrated
+    outs = []
+    for n in (1, 2):
+        outs.append(tmp_path / f"r{n}.gguf")
+        run_cli("quantize", src, outs[-1], "--calibration", cal_path, "--rank", 4, "--threads", n, "-q", check=True)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    whole = tmp_path / "whole.gguf"
+    run_cli("quantize", src, whole, "--calibration", cal_path, "-q", check=True)
+    assert whole.read_bytes() != outs[0].read_bytes()
+    assert rel_rmse(logits(outs[0]), logits(src)) < 0.2
+    lower, nvfp4 = lower_output_errors(src, cal_path, searched, outs[0])
+    assert lower == nvfp4 > 0
+    assert GGUFReader(outs[0]).get_field("nvfp4q.calibration.rank").contents() == 4
 
 
 def test_calibration_shrunk_to_its_diagonal_gives_the_imatrix_search_bytes(calibrated, searched, tmp_path):

@@ -110,19 +110,84 @@ def test_dead_inputs_and_a_zero_count_block_do_not_break_the_factor():
     assert np.array_equal(rounding.quantize_nvfp4(w, rounding.factor(zero)), kernels.quantize_nvfp4(w))
 
 
+@pytest.mark.parametrize("band", [None, 128])
+def test_low_rank_kernel_equals_the_plain_definition(band):
+    rng = np.random.default_rng(7 + (band or 0))
+    x = correlated(rng, 800, 256)
+    w = (rng.standard_normal((5, 256)) * 0.05).astype(np.float32)
+    w[0, 100:140] = 0.0
+    m = moments(x, band)
+    u, vd, g = rounding.low_rank(m, 8)
+    imp = m.diagonal() / np.float32(m.count)
+    got = rounding.quantize_nvfp4(w, u, imp, 12, low=(vd, g))
+    assert np.array_equal(got, reference.gptq_nvfp4(w, u, imp, 12, low=(vd, g)))
+    assert not np.array_equal(got, rounding.quantize_nvfp4(w, u, imp, 12))  # the sum does move later blocks
+
+
+def low_rank_covariance(m: Moments, rank: int, shrink: float) -> np.ndarray:
+    """The H that rounding.low_rank stands for, written out, damping included."""
+    (v, delta), = rounding.low_rank_terms(m, rank, rounding.DAMP, shrink)
+    return np.diag(delta) + v @ v.T
+
+
+def test_low_rank_rounds_as_the_whole_factor_of_its_own_covariance():
+    """The Woodbury form is the feedback of Delta + V V^T, not an approximation of it; at full
+    rank that H is factor()'s own."""
+    rng = np.random.default_rng(11)
+    x = correlated(rng, 3000, 192)
+    x[:, 5] = 0  # an unused input
+    m = moments(x)
+    w = (rng.standard_normal((64, 192)) * 0.05).astype(np.float32)
+    imp = m.diagonal() / np.float32(m.count)
+    for rank, shrink in ((12, 0.0), (192, 0.5)):
+        u, vd, g = rounding.low_rank(m, rank, shrink=shrink)
+        got = rounding.quantize_nvfp4(w, u, imp, 12, low=(vd, g))
+        h = low_rank_covariance(m, rank, shrink)
+        whole = rounding.quantize_nvfp4(w, rounding.factor(Moments(192, 1.0, h[None].astype(np.float32)), damp=1e-12,
+                                                           shrink=0.0), imp, 12)
+        same = np.all(got.reshape(-1, 36) == whole.reshape(-1, 36), axis=1).mean()
+        assert same > 0.98, (rank, same)  # float32 sums in another order flip a rare rounding
+        if rank == 192:
+            hs = m.blocks[0].astype(np.float64) / m.count
+            hs = 0.5 * hs + 0.5 * np.diag(np.diag(hs)) + rounding.DAMP * np.mean(imp[imp > 0]) * np.eye(192)
+            hs[5, 5] = 1.0
+            assert np.allclose(h, hs, rtol=1e-4, atol=1e-6 * np.abs(hs).max())
+
+
+def test_low_rank_feedback_lowers_the_output_error_and_follows_the_rank():
+    rng = np.random.default_rng(13)
+    width = 256
+    mixing = rng.standard_normal((6, width))  # inputs driven by a few shared directions, as real ones are
+    x = (rng.standard_normal((4000, 6)) @ mixing + 0.3 * rng.standard_normal((4000, width))).astype(np.float32)
+    m = moments(x)
+    h = m.blocks[0].astype(np.float64) / m.count
+    w = (rng.standard_normal((64, width)) * 0.05).astype(np.float32)
+    imp = m.diagonal() / np.float32(m.count)
+    searched = weighted_error(w, kernels.quantize_nvfp4(w, imp, 12), h)
+    errors = []
+    for rank in (1, 6):
+        u, vd, g = rounding.low_rank(m, rank, shrink=0.0)
+        errors.append(weighted_error(w, rounding.quantize_nvfp4(w, u, imp, 12, low=(vd, g)), h))
+    whole = weighted_error(w, rounding.quantize_nvfp4(w, rounding.factor(m, shrink=0.0), imp, 12), h)
+    assert searched > errors[0] > errors[1]
+    assert errors[1] < 1.1 * whole  # six directions hold these inputs' correlations
+
+
 FACTOR_HASH = """
 import hashlib, sys, numpy as np
 sys.path[:0] = sys.argv[1:]
 from test_rounding import correlated, moments
 from nvfp4q import rounding
 x = correlated(np.random.default_rng(5), 3000, 1536)
-print(hashlib.sha256(rounding.factor(moments(x)).tobytes()).hexdigest())
+m = moments(x)
+print(hashlib.sha256(rounding.factor(m).tobytes()).hexdigest(),
+      hashlib.sha256(b"".join(a.tobytes() for a in rounding.low_rank(m))).hexdigest())
 """
 
 
 def test_factor_bits_do_not_depend_on_openblas_threads():
-    """quantize lets OpenBLAS use the run's threads: a factor wide enough for them to split its
-    products must come out the same bits as on one."""
+    """quantize lets OpenBLAS use the run's threads: a factor (whole or low-rank) wide enough for
+    them to split its products must come out the same bits as on one."""
     here = Path(__file__).parent
     hashes = set()
     for n in (1, 2, 3):
