@@ -165,22 +165,22 @@ def low_rank_terms(m: Moments, rank: int, damp: float, shrink: float):
             d = np.diagonal(m.blocks[b]).astype(np.float64) / m.count
             d[np.arange(b * band, (b + 1) * band) >= m.width] = 0.0
             root = np.sqrt(np.maximum(d, 0.0))
-            inv = np.where(d > 0, 1.0 / root, 0.0).astype(np.float32)
-            corr = m.blocks[b] * np.float32(1.0 / m.count) * inv[:, None] * inv[None, :]
-            v = _leading(corr, min(rank, band)) * (root * np.sqrt(1.0 - shrink))[:, None]
+            inv = np.where(d > 0, 1.0 / (root * np.sqrt(m.count)), 0.0).astype(np.float32)[:, None]
+            v = _leading(m.blocks[b], inv, min(rank, band)) * (root * np.sqrt(1.0 - shrink))[:, None]
             delta = np.where(d > 0, np.maximum(d + lam - np.sum(v * v, axis=1), lam), 1.0)
             if not (np.all(np.isfinite(v)) and np.all(np.isfinite(delta))):
                 raise ValueError(NOT_DEFINITE)
             yield v, delta
 
 
-def _leading(c: np.ndarray, rank: int) -> np.ndarray:
-    """float64 [n, rank] W with W W^T the projection of c onto its leading `rank` directions,
-    found by subspace iteration from a fixed start."""
-    q = np.random.default_rng(0).standard_normal((c.shape[0], rank)).astype(np.float32)
+def _leading(xtx: np.ndarray, inv: np.ndarray, rank: int) -> np.ndarray:
+    """float64 [n, rank] W with W W^T the projection of the correlations C = inv X^T X inv
+    (inv diagonal, as a column) onto their leading `rank` directions, found by subspace
+    iteration from a fixed start; C is applied as inv (X^T X (inv q)), never formed."""
+    q = np.random.default_rng(0).standard_normal((xtx.shape[0], rank)).astype(np.float32)
     for _ in range(POWER_STEPS):
-        q = _orthonormal((c @ q).astype(np.float64)).astype(np.float32)
-    y = (c @ q).astype(np.float64)
+        q = _orthonormal((inv * (xtx @ (inv * q))).astype(np.float64)).astype(np.float32)
+    y = (inv * (xtx @ (inv * q))).astype(np.float64)
     q64 = q.astype(np.float64)
     return q64 @ _psd_cholesky(_products(q64, y))
 
@@ -302,6 +302,8 @@ def _encode_gptq(x, u, vd, g, importance, search, weighting, hloc, feedback, out
     """Tiles of rows; inside a 64-column block every column's error moves the block's later
     columns at once, the columns after the block take the block's 64 errors afterwards, in
     column order: each weight sees the updates in the same order as one column at a time.
+    The block being rounded is held transposed (a row per column, a lane per row of the tile),
+    so that a column's rounding and its updates run along the tile's rows.
     With low_rank()'s vd and g (else empty), the errors go into a per-row sum instead, which each
     block reads at its start (the sum restarts with each of the covariance's blocks)."""
     rows, cols = x.shape
@@ -316,7 +318,9 @@ def _encode_gptq(x, u, vd, g, importance, search, weighting, hloc, feedback, out
             _row_weights(x[r0 + i], importance, weighting, imp[i])
         scratch = lane_scratch(TILE)  # the tile's rows are the search's lanes
         d = np.empty(n, np.float32)
-        err = np.empty((n, NVFP4_BLOCK), np.float32)
+        nibs = np.empty(TILE, np.float32)
+        wb = np.zeros((NVFP4_BLOCK, TILE), np.float32)  # the block, transposed; lanes past n stay 0
+        eb = np.zeros((NVFP4_BLOCK, TILE), np.float32)  # its errors, divided by U[j, j]
         e16 = np.empty(NVFP4_SUB, np.float64)
         acc = np.zeros((rank, TILE), np.float32)
         pull = np.empty((NVFP4_BLOCK, TILE), np.float32)
@@ -325,42 +329,45 @@ def _encode_gptq(x, u, vd, g, importance, search, weighting, hloc, feedback, out
             b = j0 // band
             first = b * band
             stop = min(cols, first + band)
+            for i in range(n):
+                for c in range(NVFP4_BLOCK):
+                    wb[c, i] = w[i, j0 + c]
             if rank > 0 and feedback:
-                _pull(w, n, acc, vd[j0 // lr_band], j0, j0 % lr_band, pull)
+                _pull(wb, acc, vd[j0 // lr_band], j0 % lr_band, pull)
             for jb in range(NVFP4_BLOCK):
                 j, s, k = j0 + jb, jb // NVFP4_SUB, jb % NVFP4_SUB
                 if k == 0:
                     if hloc.shape[0] == 0:
                         for m in range(NVFP4_SUB):
                             for i in range(TILE):
-                                scratch[0][m, i] = w[i, j + m] if i < n else np.float32(0.0)
+                                scratch[0][m, i] = wb[jb + m, i]
                                 scratch[1][m, i] = imp[i, j + m] if i < n else np.float32(0.0)
                         search_codes(scratch, search)
                     for i in range(n):
                         if hloc.shape[0] > 0:
-                            code = _local_code(w[i, j:j + NVFP4_SUB], hloc[j // NVFP4_SUB], search, e16)
+                            code = _local_code(wb[jb:jb + NVFP4_SUB, i], hloc[j // NVFP4_SUB], search, e16)
                         else:
                             code = scratch[2][i]
                         out[r0 + i, ib + s] = code
                         d[i] = SCALES[code]
                     _tabulate(d, scratch[6])  # the midpoints and steps of each row's scale
                 inv = np.float32(1.0) / u[b, j - first, j - first]
-                ur = u[b, j - first, j + 1 - first:j0 + NVFP4_BLOCK - first]
+                byte, shift = ib + 4 + s * 8 + (k & 7), 4 * (k >> 3)
+                for i in range(n):  # the midpoint tests along the rows (they vectorize)
+                    nibs[i] = _nibble_value(abs(wb[jb, i]), wb[jb, i], scratch[6], i)
                 for i in range(n):
-                    v, di = w[i, j], d[i]
+                    v, di = wb[jb, i], d[i]
                     # as kernels._pack_lanes: the scan only where midpoint tests could tie
-                    nib = _nearest(v, di) if abs(v) > di * EXACT_RATIO else np.int64(
-                        _nibble_value(abs(v), v, scratch[6], i))
-                    byte = ib + 4 + s * 8 + (k & 7)
-                    out[r0 + i, byte] |= nib << (4 * (k >> 3))
-                    e = (v - KVALUES[nib] * di) * inv
-                    err[i, jb] = e
-                    if feedback and e != np.float32(0.0):
-                        rest = w[i, j + 1:j0 + NVFP4_BLOCK]
-                        for c in range(rest.shape[0]):  # from 0: provably in bounds, so it vectorizes
-                            rest[c] -= e * ur[c]
+                    nib = _nearest(v, di) if abs(v) > di * EXACT_RATIO else np.int64(nibs[i])
+                    out[r0 + i, byte] |= nib << shift
+                    eb[jb, i] = (v - KVALUES[nib] * di) * inv
+                if feedback:
+                    for c in range(jb + 1, NVFP4_BLOCK):
+                        uc = u[b, j - first, j0 + c - first]
+                        for i in range(TILE):
+                            wb[c, i] -= eb[jb, i] * uc
             if rank > 0 and feedback:
-                _push(err, n, acc, g[j0 // lr_band], j0 % lr_band, pull[0])
+                _push(eb, acc, g[j0 // lr_band], j0 % lr_band)
             if feedback and j0 + NVFP4_BLOCK < stop:
                 # four errors per pass over a row, each element still taking them one by one in
                 # column order (the same operations as four passes): a quarter of the loads and stores
@@ -369,17 +376,17 @@ def _encode_gptq(x, u, vd, g, importance, search, weighting, hloc, feedback, out
                     k0 = j0 + jb - first
                     u0, u1, u2, u3 = u[b, k0, lo:hi], u[b, k0 + 1, lo:hi], u[b, k0 + 2, lo:hi], u[b, k0 + 3, lo:hi]
                     for i in range(n):
-                        e0, e1, e2, e3 = err[i, jb], err[i, jb + 1], err[i, jb + 2], err[i, jb + 3]
+                        e0, e1, e2, e3 = eb[jb, i], eb[jb + 1, i], eb[jb + 2, i], eb[jb + 3, i]
                         rest = w[i, j0 + NVFP4_BLOCK:stop]
                         for c in range(rest.shape[0]):
                             rest[c] = (((rest[c] - e0 * u0[c]) - e1 * u1[c]) - e2 * u2[c]) - e3 * u3[c]
 
 
 @njit(cache=True, inline="always")
-def _pull(w, n, acc, vd, j0, o, pull):
-    """The block's columns take what the errors before it in its covariance block owe them
-    (acc . V_l / Delta_l, summed in rank order); at the covariance block's start acc is reset.
-    The rank is the outer loop, so that the 64 x 64 sums are added along the rows."""
+def _pull(wb, acc, vd, o, pull):
+    """The block's columns (wb, transposed) take what the errors before it in its covariance
+    block owe them (acc . V_l / Delta_l, summed in rank order); at the covariance block's start
+    acc is reset. The rank is the outer loop, so that the 64 x 64 sums run along the rows."""
     if o == 0:
         acc[:] = np.float32(0.0)
         return
@@ -389,23 +396,19 @@ def _pull(w, n, acc, vd, j0, o, pull):
             va = vd[o + c, a]
             for i in range(TILE):
                 pull[c, i] += va * acc[a, i]
-    for i in range(n):
-        for c in range(NVFP4_BLOCK):
-            w[i, j0 + c] += pull[c, i]
+    for c in range(NVFP4_BLOCK):
+        for i in range(TILE):
+            wb[c, i] += pull[c, i]
 
 
 @njit(cache=True, inline="always")
-def _push(err, n, acc, g, o, column):
-    """The block's errors into acc, in column order (a column's errors gathered first, so that
-    the loop runs along the rows)."""
+def _push(eb, acc, g, o):
+    """The block's errors (eb, transposed) into acc, in column order."""
     for c in range(NVFP4_BLOCK):
-        column[:] = np.float32(0.0)
-        for i in range(n):
-            column[i] = err[i, c]
         for a in range(acc.shape[0]):
             ga = g[o + c, a]
             for i in range(TILE):
-                acc[a, i] += column[i] * ga
+                acc[a, i] += eb[c, i] * ga
 
 
 def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feedback=True, low=None):
