@@ -54,9 +54,7 @@ def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray
     n_blocks, band = m.blocks.shape[0], m.blocks.shape[1]
     u = np.empty(m.blocks.shape, np.float32)
     with np.errstate(all="ignore"):  # a damaged file's overflow is refused below, not warned about
-        diag = m.diagonal() / m.count
-        live = diag > 0
-        lam = damp * diag[live].mean() if live.any() else 1.0
+        lam = _damping(m, damp)
         for b in range(n_blocks):
             h = m.blocks[b] * np.float32((1.0 - shrink) / m.count)
             d = np.diagonal(m.blocks[b]).astype(np.float64) / m.count
@@ -67,6 +65,13 @@ def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray
             if not np.all(np.isfinite(u[b])):
                 raise ValueError(NOT_DEFINITE)
     return u
+
+
+def _damping(m: Moments, damp: float) -> float:
+    """What is added to H's diagonal: damp times the mean of its used columns' diagonal."""
+    diag = m.diagonal() / m.count
+    live = diag > 0
+    return damp * diag[live].mean() if live.any() else 1.0
 
 
 def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
@@ -158,9 +163,7 @@ def low_rank_terms(m: Moments, rank: int, damp: float, shrink: float):
     that Delta + V V^T has H's diagonal. An unused column gets Delta 1 and V 0."""
     band = m.blocks.shape[1]
     with np.errstate(all="ignore"):
-        diag = m.diagonal() / m.count
-        live = diag > 0
-        lam = damp * diag[live].mean() if live.any() else 1.0
+        lam = _damping(m, damp)
         for b in range(m.blocks.shape[0]):
             d = np.diagonal(m.blocks[b]).astype(np.float64) / m.count
             d[np.arange(b * band, (b + 1) * band) >= m.width] = 0.0

@@ -94,12 +94,13 @@ def gptq_nvfp4(x, u, importance=None, search=0, low=None) -> np.ndarray:
     band = u.shape[1]
     imp = weights(x, importance, False)
     out = np.zeros((rows, cols // 64 * 36), np.uint8)
+    if low is not None:  # per column, whichever covariance block it is in
+        vd, g = (a.reshape(-1, a.shape[2]) for a in low)
     for r in range(rows):
         w = x[r].copy()
         for j in range(cols):
             ib, s, k = j // 64 * 36, j % 64 // 16, j % 16
             if low is not None and j % 64 == 0:
-                vd, g = low[0].reshape(-1, low[0].shape[2]), low[1].reshape(-1, low[1].shape[2])
                 if j % low[0].shape[1] == 0:
                     acc = np.zeros(vd.shape[1], np.float32)
                 for c in range(j, j + 64):
