@@ -5,6 +5,7 @@ whose first token becomes BOS, each run from an empty context; the scheduler's e
 hands over the input of every matrix multiplication with a `blk.*` weight. Where llama-imatrix
 keeps the sum of x^2 per column, this keeps the whole sum of x x^T (calibration.py), once per
 distinct input: q/k/v and gate/up read the same tensor, so it is multiplied once and shared.
+An input wider than the rounding would use whole keeps a low-rank sketch of it instead.
 """
 
 import ctypes
@@ -18,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from nvfp4q import calibration, evaluation
-from nvfp4q.calibration import Moments
+from nvfp4q import calibration, evaluation, rounding
+from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.errors import UserError
 from nvfp4q.units import human_bytes
 
 MIN_ROWS = 16  # llama-imatrix skips smaller batches (its `ask` test)
 DEFAULT_BAND = 4096
+DEFAULT_SKETCH = 256  # four times the rounding's default rank: as good as the exact directions (docs)
+# wider inputs take the low-rank rounding at the default --rank, which needs no more than a sketch
+SKETCH_ABOVE = rounding.WIDTH_PER_RANK * rounding.RANK
 SCHEMA = "nvfp4q.calibrate/1"
 F32 = 0  # ggml_type id
 
@@ -64,10 +68,11 @@ class Collector:
     only the first is asked for, so the graph splits once per distinct input.
     """
 
-    def __init__(self, ggml: ctypes.CDLL, band: int):
-        self.g, self.band = ggml, band
+    def __init__(self, ggml: ctypes.CDLL, band: int, sketch: int, sketch_above: int):
+        self.g, self.band, self.sketch, self.sketch_above = ggml, band, sketch, sketch_above
         self.ops: dict[int, str] = {}
-        self.moments: dict[str, Moments] = {}
+        self.moments: dict[str, Moments | _Nystrom] = {}
+        self.omegas: dict[int, np.ndarray] = {}  # the sketches' test matrices, one per width
         self.sources: dict[str, str] = {}  # weight -> the weight whose moments it shares
         self.diag: dict[str, _Diag] = {}  # expert weights
         self.first: dict[str, np.ndarray] = {}  # per source: sum of x^2 over the chunks' first rows
@@ -154,17 +159,27 @@ class Collector:
         width = x.shape[1]
         m = self.moments.get(name)
         if m is None:
-            band = width if width <= self.band else self.band
-            n_blocks = -(-width // band)
-            m = self.moments[name] = Moments(width, 0.0, np.zeros((n_blocks, band, band), np.float32),
-                                             _offband(x[1:], band))
+            if self.sketch and width > self.sketch_above:
+                size = min(self.sketch, width)
+                omega = self.omegas.get(width)
+                if omega is None:
+                    omega = self.omegas[width] = np.random.default_rng(0).standard_normal((width, size), np.float32)
+                m = self.moments[name] = _Nystrom(x[1:], omega)
+            else:
+                band = width if width <= self.band else self.band
+                n_blocks = -(-width // band)
+                m = self.moments[name] = Moments(width, 0.0, np.zeros((n_blocks, band, band), np.float32),
+                                                 _offband(x[1:], band))
             self.first[name] = np.zeros(width)
         self.first[name] += np.square(x[0], dtype=np.float64)
-        band = m.band
-        for b in range(m.blocks.shape[0]):
-            xb = x[1:, b * band:(b + 1) * band]
-            k = xb.shape[1]
-            m.blocks[b, :k, :k] += xb.T @ xb
+        if isinstance(m, _Nystrom):
+            m.add(x[1:])
+        else:
+            band = m.band
+            for b in range(m.blocks.shape[0]):
+                xb = x[1:, b * band:(b + 1) * band]
+                k = xb.shape[1]
+                m.blocks[b, :k, :k] += xb.T @ xb
         m.count += x.shape[0]
 
     def _experts(self, name: str, n_expert: int, x: np.ndarray, ids: np.ndarray) -> None:
@@ -179,6 +194,57 @@ class Collector:
             raise UserError(f"{name}: expert id out of range")
         np.add.at(d.sums, experts, rows * rows)
         d.counts += np.bincount(experts, minlength=n_expert)
+
+
+class _Nystrom:
+    """A streaming Nystrom sketch of X^T X (Tropp, Yurtsever, Udell and Cevher, 2017): the sum over
+    the chunks of Y = S X^T X S Omega, which F F^T = Y (Omega^T Y)^+ Y^T turns into the best
+    low-rank part the sketch holds. S scales each column by its first chunk's root mean square,
+    so that the sketch follows the correlations, as the rounding does, rather than the few columns
+    with massive activations; the diagonal is kept exactly."""
+
+    def __init__(self, x: np.ndarray, omega: np.ndarray):
+        ms = np.mean(np.square(x, dtype=np.float64), axis=0)
+        live = ms > 0
+        ms[~live] = ms[live].mean() if live.any() else 1.0
+        self.scale = (1.0 / np.sqrt(ms)).astype(np.float32)
+        self.omega = omega
+        self.y = np.zeros(omega.shape, np.float32)
+        self.diag = np.zeros(omega.shape[0])
+        self.count = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        xs = x * self.scale
+        self.y += xs.T @ (xs @ self.omega)
+        self.diag += np.square(x, dtype=np.float64).sum(axis=0)
+
+    def diagonal(self) -> np.ndarray:
+        return self.diag
+
+    def sketch(self) -> Sketch:
+        """The file's form: F unscaled, and the share of the scaled trace F F^T leaves out."""
+        f = _nystrom(self.y.astype(np.float64), self.omega.astype(np.float64))
+        trace = float(np.sum(self.diag * self.scale.astype(np.float64) ** 2))
+        outside = max(0.0, 1.0 - float(np.sum(f * f)) / trace) if trace > 0 else 0.0
+        f /= self.scale[:, None]
+        return Sketch(self.omega.shape[0], self.count, f.astype(np.float32), self.diag.astype(np.float32), outside)
+
+
+def _nystrom(y: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """F with F F^T = Y (Omega^T Y)^+ Y^T, computed with a small shift nu that is taken off again
+    (Tropp et al.'s stable form)."""
+    nu = np.finfo(np.float32).eps * np.linalg.norm(y)
+    y = y + nu * omega
+    m = omega.T @ y
+    lam, q = np.linalg.eigh((m + m.T) / 2)
+    keep = lam > 1e-10 * max(lam[-1], 0.0)
+    f = np.zeros_like(y)
+    if keep.any():
+        b = y @ (q[:, keep] / np.sqrt(lam[keep]))  # B B^T = Y (Omega^T Y)^+ Y^T
+        # with B = U S V^T, F = U (S^2 - nu)^1/2 = B V (S^2 - nu)^1/2 / S: B^T B's eigenvectors suffice
+        s2, v = np.linalg.eigh(b.T @ b)
+        f[:, :s2.size] = (b @ v) * np.sqrt(np.maximum(s2 - nu, 0.0) / np.maximum(s2, np.finfo(np.float64).tiny))
+    return f
 
 
 def _offband(x: np.ndarray, band: int) -> float:
@@ -203,10 +269,12 @@ class Summary:
     sources: int
     weights: int
     banded: list[str] = field(default_factory=list)
+    sketched: list[str] = field(default_factory=list)
 
 
 def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None, ctx: int = 512,
               band: int = DEFAULT_BAND, threads: int = 2, overwrite: bool = False,
+              sketch: int = DEFAULT_SKETCH, sketch_above: int = SKETCH_ABOVE,
               on_chunk: Callable[..., None] = lambda done, total, tokens, note="": None) -> Summary:
     if ctx < MIN_ROWS:
         raise UserError(f"--ctx {ctx}: use at least {MIN_ROWS}")
@@ -219,7 +287,7 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
         raise UserError(f"{text_path}: {e.strerror}") from None
     evaluation.model_size(model)  # a missing, truncated or non-GGUF model gets our message, not llama.cpp's
     lib = evaluation.llama_cpp_module()
-    collector = Collector(_ggml(os.path.dirname(lib.__file__)), band)
+    collector = Collector(_ggml(os.path.dirname(lib.__file__)), band, sketch, sketch_above)
     callback = lib.ggml_backend_sched_eval_callback(collector)
     runner = evaluation.Runner(model, ctx, threads, cb_eval=callback)
     try:
@@ -250,10 +318,11 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
     diag = {n: ((ms[s].diagonal() + collector.first[s])[None], np.float32([ms[s].count]))
             for n, s in collector.sources.items()}
     diag |= {n: (d.sums.astype(np.float32), d.counts.astype(np.float32)) for n, d in collector.diag.items()}
-    path = calibration.write(out, collector.moments, collector.sources, diag, Path(text_path).name,
-                             n_chunks, ctx, band)
-    return Summary(path, n_chunks, n_chunks * ctx, seconds, _bytes(collector), len(collector.moments),
-                   len(diag), [n for n, m in collector.moments.items() if not m.whole])
+    moments = {n: m.sketch() if isinstance(m, _Nystrom) else m for n, m in ms.items()}
+    path = calibration.write(out, moments, collector.sources, diag, Path(text_path).name, n_chunks, ctx, band)
+    return Summary(path, n_chunks, n_chunks * ctx, seconds, _bytes(collector), len(moments), len(diag),
+                   [n for n, m in moments.items() if isinstance(m, Moments) and not m.whole],
+                   [n for n, m in moments.items() if isinstance(m, Sketch)])
 
 
 @contextmanager
@@ -282,21 +351,24 @@ def _signals_held():
 
 
 def _bytes(c: Collector) -> int:
-    return sum(m.blocks.nbytes for m in c.moments.values()) + sum(d.sums.nbytes for d in c.diag.values())
+    held = [m.blocks for m in c.moments.values() if isinstance(m, Moments)]
+    held += [a for m in c.moments.values() if isinstance(m, _Nystrom) for a in (m.y, m.diag)]
+    return sum(a.nbytes for a in held + list(c.omegas.values())) + sum(d.sums.nbytes for d in c.diag.values())
 
 
 def document(s: Summary) -> dict:
     """The JSON-ready summary."""
     return {"schema": SCHEMA, "output": str(s.out), "chunks": s.chunks, "tokens": s.tokens, "seconds": s.seconds,
             "tokens_per_second": s.tokens / s.seconds if s.seconds else None, "moment_bytes": s.accumulator_bytes,
-            "inputs": s.sources, "weights": s.weights, "banded_inputs": s.banded}
+            "inputs": s.sources, "weights": s.weights, "banded_inputs": s.banded, "sketched_inputs": s.sketched}
 
 
 def render(doc: dict) -> None:
     print(f"{doc['output']}: {doc['inputs']} inputs' covariances for {doc['weights']} weights, "
           f"{doc['chunks']} chunks ({doc['tokens']} tokens) in {doc['seconds']:.1f} s, "
           f"{human_bytes(doc['moment_bytes'])} of moments"
-          + (f", {len(doc['banded_inputs'])} banded" if doc["banded_inputs"] else ""))
+          + (f", {len(doc['banded_inputs'])} banded" if doc["banded_inputs"] else "")
+          + (f", {len(doc['sketched_inputs'])} sketched" if doc["sketched_inputs"] else ""))
 
 
 def _check_out(model: Path, out: Path, overwrite: bool) -> None:

@@ -8,7 +8,9 @@ wide has one block, the whole matrix; a wider one keeps its diagonal band x band
 padded at the end), the approximation the rounding then honours, and the share of the Frobenius
 norm it drops, measured on the first chunk. Weights that read the same input (q/k/v, gate/up) share
 one matrix: `nvfp4q.calibration.weights` lists every weight with one and `.sources` the weight
-whose `.xtx` it uses. Expert tensors (MUL_MAT_ID) have the diagonal only, per expert.
+whose `.xtx` it uses. An input that calibrate sketched has instead `<weight>.sketch` (F32, ggml
+shape [size, width]: F with X^T X ~ F F^T off the diagonal) and `<weight>.diag` (X^T X's own
+diagonal). Expert tensors (MUL_MAT_ID) have the diagonal only, per expert.
 """
 
 from dataclasses import dataclass
@@ -21,10 +23,14 @@ from nvfp4q import gguf_header, gguf_io, imatrix
 from nvfp4q.errors import UserError
 
 XTX = ".xtx"
+SKETCH = ".sketch"
+DIAG = ".diag"
 KEY_WEIGHTS = "nvfp4q.calibration.weights"
 KEY_SOURCES = "nvfp4q.calibration.sources"
 KEY_BAND = "nvfp4q.calibration.band"
-KEY_OFFBAND = "nvfp4q.calibration.offband_share"  # one per source, in KEY_SOURCES' first-seen order
+# one per source, in KEY_SOURCES' first-seen order: the share of ||X^T X||_F^2 outside the blocks,
+# or for a sketch the share of the trace of the scaled X^T X outside it (Sketch)
+KEY_OFFBAND = "nvfp4q.calibration.offband_share"
 KEY_CTX = "nvfp4q.calibration.ctx"
 
 
@@ -46,8 +52,62 @@ class Moments:
     def whole(self) -> bool:
         return self.blocks.shape[0] == 1 and self.band == self.width
 
+    @property
+    def max_rank(self) -> int:
+        return self.band
+
     def diagonal(self) -> np.ndarray:
         return np.diagonal(self.blocks, axis1=1, axis2=2).reshape(-1)[: self.width].copy()
+
+    def parts(self):
+        """Per diagonal block: its diagonal (float64) and q -> block @ q."""
+        for blk in self.blocks:
+            yield np.diagonal(blk).astype(np.float64), blk.__matmul__
+
+    def square(self, lo: int, hi: int) -> np.ndarray:
+        """X^T X[lo:hi, lo:hi], inside one block."""
+        b, o = divmod(lo, self.band)
+        return self.blocks[b, o:o + hi - lo, o:o + hi - lo]
+
+    def tensors(self, src: str) -> list:
+        return [(src + XTX, self.blocks)]
+
+
+@dataclass
+class Sketch:
+    """An input too wide to keep whole: X^T X ~ F F^T + the diagonal that F lacks (calibrate's
+    Nystrom sketch, rank `size`). The low-rank rounding needs no more (docs/calibration.md)."""
+
+    width: int
+    count: float
+    factor: np.ndarray  # float32 [width, size]
+    diag: np.ndarray  # float32 [width]: X^T X's own diagonal
+    offband: float = 0.0  # share of the trace of the scaled X^T X outside F F^T
+
+    @property
+    def band(self) -> int:
+        return self.width
+
+    @property
+    def max_rank(self) -> int:
+        return self.factor.shape[1]
+
+    def diagonal(self) -> np.ndarray:
+        return self.diag.copy()
+
+    def parts(self):
+        f = self.factor
+        rest = np.maximum(self.diag - np.einsum("ij,ij->i", f, f), np.float32(0.0))[:, None]
+        yield self.diag.astype(np.float64), lambda q: f @ (f.T @ q) + rest * q
+
+    def square(self, lo: int, hi: int) -> np.ndarray:
+        f = self.factor[lo:hi]
+        out = f @ f.T
+        np.fill_diagonal(out, self.diag[lo:hi])
+        return out
+
+    def tensors(self, src: str) -> list:
+        return [(src + SKETCH, self.factor), (src + DIAG, self.diag)]
 
 
 @dataclass
@@ -56,9 +116,9 @@ class Calibration:
     imatrix: imatrix.Imatrix  # the diagonal, as llama-imatrix writes it
     band: int
     sources: dict[str, str]  # weight -> the weight whose moments it uses
-    moments: dict[str, Moments]  # by source weight
+    moments: dict[str, Moments | Sketch]  # by source weight
 
-    def for_weight(self, name: str) -> Moments | None:
+    def for_weight(self, name: str) -> Moments | Sketch | None:
         src = self.sources.get(name)
         return None if src is None else self.moments[src]
 
@@ -81,23 +141,40 @@ def load(path: Path) -> Calibration:
     mm = gguf_io.map_file(path)
     moments = {}
     for src, share in zip(distinct, offband.head):
-        t = tensors.get(src + XTX)
         entry = imat.entries.get(src)
-        if t is None or entry is None:
-            raise UserError(f"{path}: no {src}{XTX} with its imatrix entry")
-        if t.type != T.F32 or len(t.shape) != 3 or t.shape[0] != t.shape[1] or t.nbytes is None:
-            raise UserError(f"{path}: {t.name} is not F32 [band, band, blocks] (shape {list(t.shape)})")
-        if t.offset + t.nbytes > h.file_size:
-            raise UserError(f"{path}: truncated: {t.name} ends past the end of the file")
-        width = entry.values.shape[1]
-        if t.shape[0] * t.shape[2] < width or (t.shape[2] > 1 and (t.shape[0] != band or band % 64)):
-            raise UserError(f"{path}: {t.name} of shape {list(t.shape)} does not cover {width} columns")
-        blocks = np.frombuffer(mm, np.float32, t.n_elements, t.offset).reshape(t.shape[2], t.shape[1], t.shape[0])
-        if not np.all(np.isfinite(blocks)):
-            raise UserError(f"{path}: {t.name} has non-finite values")
-        count = float(_counts(path, h, tensors, src))
-        moments[src] = Moments(width, count, blocks, float(share))
+        if entry is None:
+            raise UserError(f"{path}: {src} has moments but no imatrix entry")
+        width, count = entry.values.shape[1], float(_counts(path, h, tensors, src))
+        if src + XTX in tensors:
+            t = tensors[src + XTX]
+            if len(t.shape) != 3 or t.shape[0] != t.shape[1]:
+                raise UserError(f"{path}: {t.name} is not F32 [band, band, blocks] (shape {list(t.shape)})")
+            if t.shape[0] * t.shape[2] < width or (t.shape[2] > 1 and (t.shape[0] != band or band % 64)):
+                raise UserError(f"{path}: {t.name} of shape {list(t.shape)} does not cover {width} columns")
+            blocks = _array(path, h, mm, t, (t.shape[2], t.shape[1], t.shape[0]))
+            moments[src] = Moments(width, count, blocks, float(share))
+        elif src + SKETCH in tensors and src + DIAG in tensors:
+            t, td = tensors[src + SKETCH], tensors[src + DIAG]
+            if len(t.shape) != 2 or t.shape[1] != width or list(td.shape) != [width]:
+                raise UserError(f"{path}: {t.name} {list(t.shape)} and {td.name} {list(td.shape)} are not "
+                                f"[size, {width}] and [{width}]")
+            factor = _array(path, h, mm, t, (t.shape[1], t.shape[0]))
+            moments[src] = Sketch(width, count, factor, _array(path, h, mm, td, (width,)), float(share))
+        else:
+            raise UserError(f"{path}: no {src}{XTX} (or {SKETCH} and {DIAG}) for its imatrix entry")
     return Calibration(path, imat, band, dict(zip(weights, sources)), moments)
+
+
+def _array(path: Path, h: gguf_header.Header, mm, t, shape: tuple) -> np.ndarray:
+    """A finite F32 tensor of the file, mapped."""
+    if t.type != T.F32 or t.nbytes is None:
+        raise UserError(f"{path}: {t.name} is not F32")
+    if t.offset + t.nbytes > h.file_size:
+        raise UserError(f"{path}: truncated: {t.name} ends past the end of the file")
+    a = np.frombuffer(mm, np.float32, t.n_elements, t.offset).reshape(shape)
+    if not np.all(np.isfinite(a)):
+        raise UserError(f"{path}: {t.name} has non-finite values")
+    return a
 
 
 def _strings(h: gguf_header.Header, key: str) -> list[str]:
@@ -116,7 +193,7 @@ def _counts(path: Path, h: gguf_header.Header, tensors: dict, src: str) -> float
     return c[0]
 
 
-def write(out: Path, moments: dict[str, Moments], sources: dict[str, str], diag: dict[str, tuple],
+def write(out: Path, moments: dict[str, Moments | Sketch], sources: dict[str, str], diag: dict[str, tuple],
           dataset: str, chunks: int, ctx: int, band: int) -> Path:
     """diag: weight -> (in_sum2 [n_mat, width], counts [n_mat]) for every weight seen, experts too."""
     w = gguf_io.Writer(out, "", gguf_header.DEFAULT_ALIGNMENT)
@@ -135,7 +212,8 @@ def write(out: Path, moments: dict[str, Moments], sources: dict[str, str], diag:
         data = []
         for name, (sums, counts) in diag.items():
             data += [(name + imatrix.SUM2, sums), (name + imatrix.COUNTS, counts.reshape(-1, 1))]
-        data += [(src + XTX, moments[src].blocks) for src in dict.fromkeys(sources.values())]
+        for src in dict.fromkeys(sources.values()):
+            data += moments[src].tensors(src)
         data = [(name, np.ascontiguousarray(arr, np.float32)) for name, arr in data]
         for name, arr in data:
             w.add_tensor_info(name, tuple(reversed(arr.shape)), T.F32, arr.nbytes)

@@ -206,6 +206,8 @@ def calibrate(
     chunks: Annotated[Optional[int], typer.Option(min=1, help="Use the first N chunks (default: all).")] = None,
     ctx: Annotated[int, typer.Option(min=16, help="Tokens per chunk.")] = 512,
     band: Annotated[int, typer.Option(min=64, help="Inputs wider than this keep band x band diagonal blocks of their covariance.")] = 4096,
+    sketch: Annotated[int, typer.Option(min=0, help="Inputs wider than --sketch-above keep a rank-N sketch of their covariance instead (0: none).")] = 256,
+    sketch_above: Annotated[int, typer.Option(min=64, help="See --sketch (2048: the widths quantize rounds whole at its default --rank).")] = 2048,
     threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads (default: all cores).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="The summary as one JSON document on stdout.")] = False,
@@ -217,7 +219,7 @@ def calibrate(
     try:
         with eval_view.progress(sys.stderr.isatty(), quiet) as on_chunk:
             summary = cal.calibrate(model, text, out, chunks, ctx, band, threads or os.cpu_count() or 1,
-                                    overwrite, on_chunk)
+                                    overwrite, sketch, sketch_above, on_chunk)
     except UserError as e:
         _fail(str(e), EXIT_FAILURE)
     except OSError as e:

@@ -155,14 +155,19 @@ def _calibration(path: Path, header: gguf_header.Header | None):
 
 
 def _moments_entry(cal, name: str) -> dict:
+    from nvfp4q import calibration
+
     src = cal.sources[name]
     m = cal.moments[src]
-    return {"covariance_of": src, "width": m.width, "band": m.band, "offband_share": m.offband}
+    sketch = isinstance(m, calibration.Sketch)
+    return {"covariance_of": src, "width": m.width, "band": None if sketch else m.band,
+            "sketch": m.max_rank if sketch else None, "offband_share": m.offband}
 
 
 def _imatrix_doc(path: Path, header: gguf_header.Header | None, pattern, meta: bool, decodes: bool) -> dict:
     """An imatrix file (header None: not GGUF, so legacy .dat) read as quantize would read it."""
     from nvfp4q import imatrix
+    from nvfp4q.calibration import Moments, Sketch
 
     if decodes:
         raise UserError(f"{path}: --verify and --against apply to model files, this is an imatrix")
@@ -185,10 +190,12 @@ def _imatrix_doc(path: Path, header: gguf_header.Header | None, pattern, meta: b
     }
     cal = _calibration(path, header)
     if cal is not None:
+        sketched = [n for n, m in cal.moments.items() if isinstance(m, Sketch)]
         doc["calibration"] = {
             "band": cal.band, "weights": len(cal.sources), "inputs": len(cal.moments),
-            "tokens": max((m.count for m in cal.moments.values()), default=0),
-            "banded_inputs": [n for n, m in cal.moments.items() if not m.whole],
+            "tokens": int(max((m.count for m in cal.moments.values()), default=0)),
+            "banded_inputs": [n for n, m in cal.moments.items() if isinstance(m, Moments) and not m.whole],
+            "sketched_inputs": sketched,
         }
     if pattern is not None:
         doc["entries"] = [

@@ -129,7 +129,8 @@ def _imatrix(console: Console, doc: dict) -> None:
             ("calibration", f"input covariances of {c['inputs']} inputs, for {c['weights']} weights"),
             ("tokens", c["tokens"]),
             ("band", c["band"]),
-            ("banded", ", ".join(c["banded_inputs"]) or "none: every covariance whole"),
+            ("banded", ", ".join(c["banded_inputs"]) or "none"),
+            ("sketched", ", ".join(c["sketched_inputs"]) or "none"),
         ])
     if "entries" in doc:
         _table(console, "entries", "name length matrices unseen min max", (

@@ -123,7 +123,7 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
         if step.type != T.NVFP4:
             continue
         name = step.tensor.name
-        entry = _entry(calib, imat, step.tensor)
+        entry = _entry(calib, imat, step.tensor, s.rank)
         if entry is None:
             if imat is not None or calib is not None:
                 missing.append(name)
@@ -136,12 +136,16 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
     return Job(model, plan, imat, importance, missing, excluded, calib, allocation)
 
 
-def _entry(calib: calibration.Calibration | None, imat: imatrix.Imatrix | None, t: TensorInfo) -> imatrix.Entry | None:
+def _entry(calib: calibration.Calibration | None, imat: imatrix.Imatrix | None, t: TensorInfo,
+           rank: int) -> imatrix.Entry | None:
     """A weight's importance data; the calibration's diagonal is the same statistic as an
     imatrix's, and wins where it has one."""
     m = calib.for_weight(t.name) if calib is not None else None
     if m is not None and m.width != t.shape[0]:
         raise UserError(f"{calib.path}: {t.name} is {m.width} wide, the tensor has {t.shape[0]} columns")
+    if isinstance(m, calibration.Sketch) and not rank:
+        raise UserError(f"{calib.path}: {t.name}'s input has a rank-{m.max_rank} sketch, not a whole covariance: "
+                        "--rank 0 needs a calibration made with --sketch 0")
     return next((imatrix.for_tensor(i, t.name, t.shape) for i in (calib and calib.imatrix, imat)
                  if i and t.name in i.entries), None)
 
@@ -167,7 +171,7 @@ def _allocate(model: gguf_io.Model, plan: list[Step], opts: Options, s: Settings
     blocks = damage.n_blocks(list(tensors))
 
     def estimate(info: TensorInfo, types: list[T]) -> dict[T, float]:
-        entry = _entry(calib, imat, info) if _wants_importance(info.name, s) else None
+        entry = _entry(calib, imat, info, s.rank) if _wants_importance(info.name, s) else None
         err = tensor_errors(tensors[info.name], entry, [q for q in types if q != info.type], s)
         return damage.estimate(info.name, blocks, {q: err.get(q, 0.0) for q in types}, info.type)
 
@@ -276,7 +280,8 @@ def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
 
 def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
     """(U, local H blocks or None, low-rank terms or None) for a tensor with calibrated moments,
-    made once per input (q/k/v and gate/up share it); without error feedback U is the identity."""
+    made once per input (q/k/v and gate/up share it); without error feedback U is the identity.
+    A sketched input takes the low-rank path whatever its width."""
     if job.calib is None or step.type != T.NVFP4:
         return None
     src = job.calib.sources.get(step.tensor.name)
@@ -288,7 +293,7 @@ def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
             low = None
             if not s.feedback:
                 u = rounding.identity(m.width)
-            elif s.rank and m.width > rounding.WIDTH_PER_RANK * s.rank:
+            elif isinstance(m, calibration.Sketch) or (s.rank and m.width > rounding.WIDTH_PER_RANK * s.rank):
                 u, *low = rounding.low_rank(m, s.rank, s.damp, s.shrink)
             else:
                 u = rounding.factor(m, s.damp, s.shrink)

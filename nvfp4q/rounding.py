@@ -19,7 +19,7 @@ H ~ Delta + V V^T, whose feedback is exact for that H and costs about 2 * rank p
 import numpy as np
 from numba import njit, prange
 
-from nvfp4q.calibration import Moments
+from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.kernels import (EXACT_RATIO, KVALUES, LANES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES,
                             _nearest, _nibble_value, _row_weights, _tabulate, lane_scratch, scale_encode,
                             search_codes)
@@ -136,7 +136,7 @@ def identity(width: int) -> np.ndarray:
     return np.broadcast_to(np.eye(NVFP4_BLOCK, dtype=np.float32), (-(-width // NVFP4_BLOCK), NVFP4_BLOCK, NVFP4_BLOCK))
 
 
-def low_rank(m: Moments, rank: int = RANK, damp: float = DAMP, shrink: float = SHRINK) -> tuple:
+def low_rank(m: Moments | Sketch, rank: int = RANK, damp: float = DAMP, shrink: float = SHRINK) -> tuple:
     """(U, V / Delta, G) for H ~ Delta + V V^T per diagonal block (low_rank_terms()).
 
     For that H, quantizing column j with error e moves a later column l of its block by
@@ -146,8 +146,8 @@ def low_rank(m: Moments, rank: int = RANK, damp: float = DAMP, shrink: float = S
     block as factor()'s U would. Only matrix products with the rows split, and loops of our own:
     the bits do not depend on the thread count.
     """
-    n_blocks, band = m.blocks.shape[0], m.blocks.shape[1]
-    rank = min(rank, band)
+    n_blocks, band = -(-m.width // m.band), m.band
+    rank = min(rank, m.max_rank)
     vd = np.zeros((n_blocks, band, rank), np.float32)
     g = np.zeros((n_blocks, band, rank), np.float32)
     for b, (v, delta) in enumerate(low_rank_terms(m, rank, damp, shrink)):
@@ -156,34 +156,34 @@ def low_rank(m: Moments, rank: int = RANK, damp: float = DAMP, shrink: float = S
     return _couplings(vd, g), vd, g
 
 
-def low_rank_terms(m: Moments, rank: int, damp: float, shrink: float):
+def low_rank_terms(m: Moments | Sketch, rank: int, damp: float, shrink: float):
     """Per diagonal block, (V, Delta) in float64: V the leading `rank` directions of the
     correlations (H_ij / sqrt(H_ii H_jj)) scaled back, times sqrt(1 - shrink) as factor() shrinks
     the off-diagonal, and Delta what is left of H's damped diagonal (at least the damping), so
     that Delta + V V^T has H's diagonal. An unused column gets Delta 1 and V 0."""
-    band = m.blocks.shape[1]
+    band = m.band
     with np.errstate(all="ignore"):
         lam = _damping(m, damp)
-        for b in range(m.blocks.shape[0]):
-            d = np.diagonal(m.blocks[b]).astype(np.float64) / m.count
+        for b, (d, xtx) in enumerate(m.parts()):
+            d = d / m.count
             d[np.arange(b * band, (b + 1) * band) >= m.width] = 0.0
             root = np.sqrt(np.maximum(d, 0.0))
             inv = np.where(d > 0, 1.0 / (root * np.sqrt(m.count)), 0.0).astype(np.float32)[:, None]
-            v = _leading(m.blocks[b], inv, min(rank, band)) * (root * np.sqrt(1.0 - shrink))[:, None]
+            v = _leading(xtx, inv, min(rank, band)) * (root * np.sqrt(1.0 - shrink))[:, None]
             delta = np.where(d > 0, np.maximum(d + lam - np.sum(v * v, axis=1), lam), 1.0)
             if not (np.all(np.isfinite(v)) and np.all(np.isfinite(delta))):
                 raise ValueError(NOT_DEFINITE)
             yield v, delta
 
 
-def _leading(xtx: np.ndarray, inv: np.ndarray, rank: int) -> np.ndarray:
+def _leading(xtx, inv: np.ndarray, rank: int) -> np.ndarray:
     """float64 [n, rank] W with W W^T the projection of the correlations C = inv X^T X inv
     (inv diagonal, as a column) onto their leading `rank` directions, found by subspace
-    iteration from a fixed start; C is applied as inv (X^T X (inv q)), never formed."""
-    q = np.random.default_rng(0).standard_normal((xtx.shape[0], rank)).astype(np.float32)
+    iteration from a fixed start; C is applied as inv (xtx(inv q)), never formed."""
+    q = np.random.default_rng(0).standard_normal((inv.shape[0], rank)).astype(np.float32)
     for _ in range(POWER_STEPS):
-        q = _orthonormal((inv * (xtx @ (inv * q))).astype(np.float64)).astype(np.float32)
-    y = (inv * (xtx @ (inv * q))).astype(np.float64)
+        q = _orthonormal((inv * xtx(inv * q)).astype(np.float64)).astype(np.float32)
+    y = (inv * xtx(inv * q)).astype(np.float64)
     q64 = q.astype(np.float64)
     return q64 @ _psd_cholesky(_products(q64, y))
 
@@ -262,15 +262,13 @@ def _couplings(vd, g):
     return u
 
 
-def local_blocks(m: Moments) -> np.ndarray:
+def local_blocks(m: Moments | Sketch) -> np.ndarray:
     """float32 [width // 16, 16, 16]: the 16 x 16 diagonal blocks of H = X^T X / count, one per
     sub-block, for choosing its scale on the error that reaches the output (e^T H_s e)."""
     n = m.width // NVFP4_SUB
-    per = m.band // NVFP4_SUB
     out = np.empty((n, NVFP4_SUB, NVFP4_SUB), np.float32)
     for t in range(n):
-        b, o = divmod(t, per)
-        out[t] = m.blocks[b, o * NVFP4_SUB:(o + 1) * NVFP4_SUB, o * NVFP4_SUB:(o + 1) * NVFP4_SUB] / np.float32(m.count)
+        out[t] = m.square(t * NVFP4_SUB, (t + 1) * NVFP4_SUB) / np.float32(m.count)
     return out
 
 

@@ -114,6 +114,64 @@ def test_band_keeps_diagonal_blocks_and_reports_what_it_drops(calibrated, tmp_pa
                                rtol=1e-5, atol=1e-5 * np.abs(f.blocks).max())
 
 
+@pytest.fixture(scope="module")
+def sketched(calibrated, tmp_path_factory):
+    """The tiny model's inputs, every one sketched: at rank 16, and at full rank (the sketch size
+    is capped at the width)."""
+    src, text, _, _ = calibrated
+    folder = tmp_path_factory.mktemp("sketched")
+    out = {}
+    for size in (16, 4096):
+        out[size] = folder / f"sketch{size}.cal.gguf"
+        out[size, "doc"] = json.loads(run_cli("calibrate", src, "--text", text, "-o", out[size], "--ctx", CTX,
+                                              "--sketch", size, "--sketch-above", 64, "--json", check=True).stdout)
+    return out
+
+
+def test_sketch_is_the_covariance_at_full_rank_and_a_part_of_it_below(calibrated, sketched):
+    _, _, full_path, full_doc = calibrated
+    full = calibration.load(full_path)
+    for size in (16, 4096):
+        doc, cal = sketched[size, "doc"], calibration.load(sketched[size])
+        assert sorted(doc["sketched_inputs"]) == sorted(full.moments) and doc["banded_inputs"] == []
+        for src, m in full.moments.items():
+            s = cal.moments[src]
+            assert isinstance(s, calibration.Sketch) and s.count == m.count
+            assert s.max_rank == min(size, m.width)
+            h = m.blocks[0].astype(np.float64)
+            assert np.allclose(s.diag, np.diag(h), rtol=1e-5)
+            f = s.factor.astype(np.float64)
+            rest = h - f @ f.T
+            if size == 16:  # the Nystrom part never exceeds H: what it leaves out is positive semidefinite
+                assert 0 < s.offband < 1
+                assert np.linalg.eigvalsh(rest).min() > -1e-4 * np.abs(h).max()
+            else:
+                np.fill_diagonal(rest, 0.0)
+                assert np.abs(rest).max() < 1e-2 * np.abs(h).max() and s.offband < 1e-3
+    assert sketched[16, "doc"]["moment_bytes"] < full_doc["moment_bytes"]
+
+
+def test_sketched_calibration_through_quantize(calibrated, searched, sketched, tmp_path):
+    """A sketched input takes the low-rank feedback at any width: it runs in llama.cpp, passes on
+    less error than the search, and its bytes do not depend on the thread count; --rank 0, which
+    needs whole covariances, is refused in one line."""
+    src, _, full_path, _ = calibrated
+    outs = []
+    for n in (1, 2):
+        outs.append(tmp_path / f"s{n}.gguf")
+        run_cli("quantize", src, outs[-1], "--calibration", sketched[16], "--threads", n, "-q", check=True)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert rel_rmse(logits(outs[0]), logits(src)) < 0.2
+    lower, nvfp4 = lower_output_errors(src, full_path, searched, outs[0])
+    assert lower == nvfp4 > 0
+    assert "--sketch 0" in one_error_line(run_cli("quantize", src, tmp_path / "r0.gguf", "--calibration",
+                                                  sketched[16], "--rank", 0))
+    assert not any(p.name.endswith("r0.gguf") for p in tmp_path.iterdir())
+    got = json.loads(run_cli("inspect", sketched[16], "--json", "--tensors", "ffn_down", check=True).stdout)
+    assert len(got["calibration"]["sketched_inputs"]) == got["calibration"]["inputs"]
+    assert all(e["sketch"] == 16 and e["band"] is None and 0 < e["offband_share"] < 1 for e in got["entries"])
+
+
 def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error(calibrated, searched, tmp_path):
     src, _, cal_path, _ = calibrated
     fed = tmp_path / "fed.gguf"
@@ -213,6 +271,21 @@ def test_bad_calibration_inputs_fail_in_one_line(calibrated, tmp_path):
     assert not any(p.name.startswith(".o.gguf") or p.name == "o.gguf" for p in tmp_path.iterdir())
 
 
+def test_non_finite_covariances_and_sketches_fail_in_one_line(calibrated, sketched, tmp_path):
+    from nvfp4q import gguf_header
+
+    src = calibrated[0]
+    for path, suffix in ((calibrated[2], ".xtx"), (sketched[16], ".sketch"), (sketched[16], ".diag")):
+        t = next(t for t in gguf_header.read(path).tensors if t.name.endswith(suffix))
+        data = bytearray(path.read_bytes())
+        data[t.offset + 4 * 7:t.offset + 4 * 8] = np.float32(np.nan).tobytes()
+        bad = tmp_path / f"bad{suffix}.cal.gguf"
+        bad.write_bytes(bytes(data))
+        line = one_error_line(run_cli("quantize", src, tmp_path / "o.gguf", "--calibration", bad))
+        assert t.name in line and "non-finite" in line
+    assert not any(p.name.endswith("o.gguf") for p in tmp_path.iterdir())
+
+
 def test_calibrate_refuses_bad_input_in_one_line(calibrated, tmp_path):
     src, text, cal_path, _ = calibrated
     short = tmp_path / "short.txt"
@@ -232,11 +305,13 @@ def test_inspect_shows_a_calibration_file(calibrated):
     _, _, cal_path, doc = calibrated
     got = json.loads(run_cli("inspect", cal_path, "--json", "--tensors", "blk.0.attn", check=True).stdout)
     assert got["kind"] == "imatrix" and got["calibration"] == {
-        "band": 4096, "weights": doc["weights"], "inputs": doc["inputs"], "tokens": doc["tokens"], "banded_inputs": []}
+        "band": 4096, "weights": doc["weights"], "inputs": doc["inputs"], "tokens": doc["tokens"], "banded_inputs": [],
+        "sketched_inputs": []}
     k = next(e for e in got["entries"] if e["name"] == "blk.0.attn_k.weight")
     assert k["covariance_of"] == "blk.0.attn_q.weight" and k["width"] == 128 and k["offband_share"] == 0
+    assert k["band"] == 128 and k["sketch"] is None
     table = run_cli("inspect", cal_path, check=True).stdout
-    assert "calibration" in table and "every covariance whole" in table
+    assert "calibration" in table and "sketched" in table
 
 
 def test_ctrl_c_stops_calibrate_and_leaves_nothing(calibrated, tmp_path):

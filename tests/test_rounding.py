@@ -178,16 +178,18 @@ import hashlib, sys, numpy as np
 sys.path[:0] = sys.argv[1:]
 from test_rounding import correlated, moments
 from nvfp4q import rounding
+from nvfp4q.calibration import Sketch
 x = correlated(np.random.default_rng(5), 3000, 1536)
 m = moments(x)
-print(hashlib.sha256(rounding.factor(m).tobytes()).hexdigest(),
-      hashlib.sha256(b"".join(a.tobytes() for a in rounding.low_rank(m))).hexdigest())
+s = Sketch(1536, 3000.0, np.ascontiguousarray(x[:256].T), np.square(x).sum(axis=0))
+print(*(hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
+        for arrays in ([rounding.factor(m)], rounding.low_rank(m), rounding.low_rank(s))))
 """
 
 
 def test_factor_bits_do_not_depend_on_openblas_threads():
-    """quantize lets OpenBLAS use the run's threads: a factor (whole or low-rank) wide enough for
-    them to split its products must come out the same bits as on one."""
+    """quantize lets OpenBLAS use the run's threads: a factor (whole, low-rank, or low-rank from a
+    sketch) wide enough for them to split its products must come out the same bits as on one."""
     here = Path(__file__).parent
     hashes = set()
     for n in (1, 2, 3):
