@@ -205,7 +205,7 @@ def calibrate(
     out: Annotated[Path, typer.Option("-o", "--output", help="Calibration file to write (a GGUF, also a valid --imatrix).")],
     chunks: Annotated[Optional[int], typer.Option(min=1, help="Use the first N chunks (default: all).")] = None,
     ctx: Annotated[int, typer.Option(min=16, help="Tokens per chunk.")] = 512,
-    band: Annotated[int, typer.Option(min=64, help="Inputs wider than this keep band x band diagonal blocks of their covariance.")] = 4096,
+    band: Annotated[int, typer.Option(min=64, help="Inputs wider than this and not sketched keep band x band diagonal blocks of their covariance.")] = 4096,
     sketch: Annotated[int, typer.Option(min=0, help="Inputs wider than --sketch-above keep a rank-N sketch of their covariance instead (0: none).")] = 256,
     sketch_above: Annotated[int, typer.Option(min=64, help="See --sketch (2048: the widths quantize rounds whole at its default --rank).")] = 2048,
     threads: Annotated[Optional[int], typer.Option(min=1, help="llama.cpp threads (default: all cores).")] = None,
