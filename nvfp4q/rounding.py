@@ -146,13 +146,9 @@ def low_rank(m: Moments | Sketch, rank: int = RANK, damp: float = DAMP, shrink: 
     block as factor()'s U would. Only matrix products with the rows split, and loops of our own:
     the bits do not depend on the thread count.
     """
-    n_blocks, band = -(-m.width // m.band), m.band
-    rank = min(rank, m.max_rank)
-    vd = np.zeros((n_blocks, band, rank), np.float32)
-    g = np.zeros((n_blocks, band, rank), np.float32)
-    for b, (v, delta) in enumerate(low_rank_terms(m, rank, damp, shrink)):
-        g[b] = _generators(v, delta)
-        vd[b] = v / delta[:, None]
+    terms = list(low_rank_terms(m, min(rank, m.max_rank), damp, shrink))
+    vd = np.stack([v / delta[:, None] for v, delta in terms]).astype(np.float32)
+    g = np.stack([_generators(v, delta) for v, delta in terms])
     return _couplings(vd, g), vd, g
 
 
