@@ -76,7 +76,8 @@ class Moments:
 @dataclass
 class Sketch:
     """An input too wide to keep whole: X^T X ~ F F^T + the diagonal that F lacks (calibrate's
-    Nystrom sketch, rank `size`). The low-rank rounding needs no more (docs/calibration.md)."""
+    Nystrom sketch; its columns, `max_rank`, are the rank). The low-rank rounding needs no more
+    (docs/calibration.md)."""
 
     width: int
     count: float
