@@ -108,7 +108,7 @@ def quantize(
     shrink: Annotated[float, typer.Option(min=0.0, max=1.0, help="With --calibration: the covariance's off-diagonal is multiplied by 1 - SHRINK (1: no error feedback between columns).")] = 0.5,
     scales: Annotated[str, typer.Option(help="Sub-block scale choice: 'search' (least imatrix-weighted error in the window), 'local' (with --calibration: least error through the sub-block's 16x16 block of the input covariance).")] = "search",
     error_feedback: Annotated[bool, typer.Option(help="With --calibration: push each column's rounding error onto the columns not yet quantized.")] = True,
-    rank: Annotated[int, typer.Option(min=0, max=1024, help="With --calibration: inputs wider than 32 x RANK feed their errors back through the diagonal plus RANK leading directions of their covariance, at a cost that grows with RANK, not with the width; 0: the whole covariance everywhere.")] = 64,
+    rank: Annotated[int, typer.Option(min=0, max=1024, help="With --calibration: inputs wider than 32 x RANK, sketched ones, and the costliest others while the whole covariances would cost the model over 512 multiply-adds per weight feed their errors back through the diagonal plus RANK leading directions of their covariance, at a cost that grows with RANK, not with the width; 0: the whole covariance everywhere.")] = 64,
     allow_requantize: Annotated[bool, typer.Option(help="Accept already-quantized source tensors (quality suffers).")] = False,
     keep_split: Annotated[bool, typer.Option(help="One output part per input part (split input).")] = False,
     split_max_size: Annotated[Optional[str], typer.Option(help="Split the output into parts of at most this size (e.g. 48G, 500M).")] = None,

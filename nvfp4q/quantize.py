@@ -44,7 +44,7 @@ class Settings:
     shrink: float = rounding.SHRINK
     scales: str = "search"  # one of SCALE_CHOICES
     feedback: bool = True  # with a calibration: error feedback through its covariance
-    rank: int = rounding.RANK  # inputs wider than rounding.WIDTH_PER_RANK * rank: a rank-`rank` covariance
+    rank: int = rounding.RANK  # of the low-rank covariances (rounding.low_rank_inputs says whose)
     include_weights: tuple[str, ...] = ()
     exclude_weights: tuple[str, ...] = ()
     allow_requantize: bool = False
@@ -68,6 +68,7 @@ class Job:
     excluded_importance: list[str] = field(default_factory=list)  # with an entry, left out by --include/--exclude-weights
     calib: calibration.Calibration | None = None
     allocation: allocate.Allocation | None = None  # with --target-size / --target-bpw
+    low_rank: set[str] = field(default_factory=set)  # calibrated inputs rounded through a low-rank covariance
     rounding_of: dict[str, tuple] = field(default_factory=dict)  # (U, local blocks) of the latest inputs
     factors: dict[str, np.float32] = field(default_factory=dict)  # of rescaled tensors (W * factor), set by run
 
@@ -133,7 +134,20 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
             excluded.append(name)
     if missing and s.imatrix_strict:
         raise UserError(f"no imatrix data for {len(missing)} tensor(s), e.g. {missing[0]} (--imatrix-strict)")
-    return Job(model, plan, imat, importance, missing, excluded, calib, allocation)
+    return Job(model, plan, imat, importance, missing, excluded, calib, allocation, _low_rank(plan, calib, s))
+
+
+def _low_rank(plan: list[Step], calib: calibration.Calibration | None, s: Settings) -> set[str]:
+    """The calibrated inputs whose feedback goes through a low-rank covariance, for the whole model."""
+    if calib is None or not s.feedback:
+        return set()
+    inputs = {}
+    for step in plan:
+        src = calib.sources.get(step.tensor.name)
+        if step.type == T.NVFP4 and src is not None:
+            m, n = inputs.get(src, (calib.moments[src], 0))
+            inputs[src] = (m, n + int(np.prod(step.tensor.shape)))
+    return rounding.low_rank_inputs(inputs, s.rank)
 
 
 def _entry(calib: calibration.Calibration | None, imat: imatrix.Imatrix | None, t: TensorInfo,
@@ -281,7 +295,7 @@ def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
 def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
     """(U, local H blocks or None, low-rank terms or None) for a tensor with calibrated moments,
     made once per input (q/k/v and gate/up share it); without error feedback U is the identity.
-    A sketched input takes the low-rank path whatever its width."""
+    Which inputs take the low-rank path is decided for the whole model (rounding.low_rank_inputs)."""
     if job.calib is None or step.type != T.NVFP4:
         return None
     src = job.calib.sources.get(step.tensor.name)
@@ -293,7 +307,7 @@ def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
             low = None
             if not s.feedback:
                 u = rounding.identity(m.width)
-            elif isinstance(m, calibration.Sketch) or (s.rank and m.width > rounding.WIDTH_PER_RANK * s.rank):
+            elif src in job.low_rank:
                 u, *low = rounding.low_rank(m, s.rank, s.damp, s.shrink)
             else:
                 u = rounding.factor(m, s.damp, s.shrink)

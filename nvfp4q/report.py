@@ -41,7 +41,7 @@ def document(job: Job, opts: Options, s: Settings, src: Path, out: Path, summary
     }
     if summary is None:
         doc["bits_per_weight"] = _bpw(job.nbytes_out, job.n_weights)
-        doc["tensors"] = [_tensor(job, st) for st in job.plan]
+        doc["tensors"] = [_tensor(job, st, s) for st in job.plan]
         return doc
     doc |= {
         "outputs": [{"path": str(p), "bytes": p.stat().st_size} for p in summary.outputs],
@@ -109,13 +109,21 @@ def _allocation(job: Job) -> dict | None:
                                    "estimated_kld": sum(a.damage.values())}
 
 
-def _tensor(job: Job, st: Step) -> dict:
+def _feedback(job: Job, st: Step, s: Settings) -> str | None:
+    src = job.calib.sources.get(st.tensor.name) if job.calib is not None and s.feedback else None
+    if src is None or st.type.name != "NVFP4":
+        return None
+    return "low_rank" if src in job.low_rank else "whole"
+
+
+def _tensor(job: Job, st: Step, s: Settings) -> dict:
     t = st.tensor
     return {
         "name": t.name, "shape": list(t.shape), "from": t.type.name, "to": st.type.name, "reason": st.reason,
         "imatrix": None if job.imat is None or st.type.name != "NVFP4" else t.name in job.importance,
         "bytes": st.nbytes, "sidecar": sidecar_name(t.name) if st.sidecar else None, "rescale": st.rescale,
         "damage": job.allocation.damage.get(t.name) if job.allocation else None,
+        "feedback": _feedback(job, st, s),
     }
 
 

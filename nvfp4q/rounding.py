@@ -39,6 +39,33 @@ RANK = 64  # the low-rank approximation's rank (--rank)
 # (docs/calibration.md); narrower ones keep the whole covariance.
 WIDTH_PER_RANK = 32
 POWER_STEPS = 4  # subspace iterations that find the leading directions
+# The mean feedback per NVFP4 weight, in multiply-adds, up to which a model's inputs keep their
+# whole covariance: about 3x the default's time there (docs/calibration.md, "Wide inputs").
+FEEDBACK_BUDGET = 512
+
+
+def low_rank_inputs(inputs: dict[str, tuple[Moments | Sketch, int]], rank: int) -> set[str]:
+    """The inputs (name -> (moments, weights that read it)) rounded through rank-`rank`
+    covariances: the sketched ones, those wider than WIDTH_PER_RANK * rank, and then, while the
+    mean feedback per weight that reads them is over FEEDBACK_BUDGET, the costliest of the rest, all
+    inputs of one width and weight count at a time (a layer's gate/up before its q/k/v, and every
+    layer alike). A whole covariance costs band / 2 multiply-adds per weight, a low-rank one
+    2 * rank + 32. Rank 0: none."""
+    if not rank:
+        return set()
+    low = {name for name, (m, _) in inputs.items()
+           if isinstance(m, Sketch) or m.width > WIDTH_PER_RANK * rank}
+    whole = {name: (min(m.band, m.width), n) for name, (m, n) in inputs.items() if name not in low}
+    low_cost = 2 * rank + 32
+    total = sum(n for _, n in inputs.values())
+    cost = sum(band / 2 * n for band, n in whole.values()) + low_cost * (total - sum(n for _, n in whole.values()))
+    for key in sorted(set(whole.values()), reverse=True):
+        if cost <= FEEDBACK_BUDGET * total or key[0] / 2 <= low_cost:
+            break
+        group = [name for name, v in whole.items() if v == key]
+        cost -= len(group) * key[1] * (key[0] / 2 - low_cost)
+        low.update(group)
+    return low
 
 
 def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray:

@@ -185,6 +185,8 @@ def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error
                              "--dry-run", "--json", check=True).stdout)
     assert doc["options"]["calibration"] == {"path": str(cal_path), "shrink": 0.3, "damp": 0.01, "scales": "search",
                                              "error_feedback": True, "rank": 64}
+    assert {t["feedback"] for t in doc["tensors"] if t["to"] == "NVFP4"} == {"whole"}
+    assert {t["feedback"] for t in doc["tensors"] if t["to"] != "NVFP4"} == {None}
 
 
 def lower_output_errors(src, cal_path, plain, fed) -> tuple[int, int]:
@@ -210,22 +212,28 @@ def lower_output_errors(src, cal_path, plain, fed) -> tuple[int, int]:
 
 
 def test_low_rank_covariances_through_quantize(calibrated, searched, tmp_path):
-    """--rank 4 puts every input of the tiny model (wider than 32 x 4) on the low-rank feedback:
-    it runs in llama.cpp, passes on less error than the search, and its bytes do not depend on
-    the thread count."""
+    """--rank 2 puts the tiny model's 128-wide inputs (wider than 32 x 2) on the low-rank feedback:
+    it runs in llama.cpp, passes on less error than the search and other bytes than the whole
+    covariance, and its bytes do not depend on the thread count."""
     src, _, cal_path, _ = calibrated
     outs = []
     for n in (1, 2):
         outs.append(tmp_path / f"r{n}.gguf")
-        run_cli("quantize", src, outs[-1], "--calibration", cal_path, "--rank", 4, "--threads", n, "-q", check=True)
+        run_cli("quantize", src, outs[-1], "--calibration", cal_path, "--rank", 2, "--threads", n, "-q", check=True)
     assert outs[0].read_bytes() == outs[1].read_bytes()
     whole = tmp_path / "whole.gguf"
     run_cli("quantize", src, whole, "--calibration", cal_path, "-q", check=True)
-    assert whole.read_bytes() != outs[0].read_bytes()
+    low, full = tensors(outs[0]), tensors(whole)
+    nvfp4 = [name for name, t in low.items() if t.tensor_type.name == "NVFP4"]
+    assert nvfp4 and all(not np.array_equal(low[name].data, full[name].data) for name in nvfp4)
     assert rel_rmse(logits(outs[0]), logits(src)) < 0.2
-    lower, nvfp4 = lower_output_errors(src, cal_path, searched, outs[0])
-    assert lower == nvfp4 > 0
-    assert GGUFReader(outs[0]).get_field("nvfp4q.calibration.rank").contents() == 4
+    lower, n = lower_output_errors(src, cal_path, searched, outs[0])
+    assert lower == n > 0
+    assert GGUFReader(outs[0]).get_field("nvfp4q.calibration.rank").contents() == 2
+    for args, feedback in (((2,), "low_rank"), ((4,), "whole"), ((2, "--no-error-feedback"), None)):
+        doc = json.loads(run_cli("quantize", src, tmp_path / "dry.gguf", "--calibration", cal_path, "--rank", *args,
+                                 "--dry-run", "--json", check=True).stdout)
+        assert {t["name"]: t["feedback"] for t in doc["tensors"] if t["to"] == "NVFP4"} == dict.fromkeys(nvfp4, feedback)
 
 
 def test_calibration_shrunk_to_its_diagonal_gives_the_imatrix_search_bytes(calibrated, searched, tmp_path):

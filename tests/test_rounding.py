@@ -10,7 +10,7 @@ import pytest
 
 import reference
 from nvfp4q import kernels, rounding
-from nvfp4q.calibration import Moments
+from nvfp4q.calibration import Moments, Sketch
 
 
 def correlated(rng, tokens: int, width: int, mix: float = 0.4) -> np.ndarray:
@@ -171,6 +171,34 @@ def test_low_rank_feedback_lowers_the_output_error_and_follows_the_rank():
     whole = weighted_error(w, rounding.quantize_nvfp4(w, rounding.factor(m, shrink=0.0), imp, 12), h)
     assert searched > errors[0] > errors[1]
     assert errors[1] < 1.1 * whole  # six directions hold these inputs' correlations
+
+
+def test_the_feedback_budget_moves_the_costliest_inputs_to_low_rank_whole_groups_at_a_time():
+    """Per layer of a 1B-shaped model: q/k/v, attn_output and gate/up read 2048-wide inputs,
+    ffn_down a sketched 8192-wide one. All whole would cost 1024 multiply-adds per weight on
+    most weights, over the budget: gate/up (the costliest group) go low-rank in every layer,
+    and attention stays whole. A narrower model stays whole; rank 0 keeps every input whole."""
+    def dense(width):
+        return Moments(width, 1.0, np.zeros((1, 1, 1), np.float32).repeat(width, 1).repeat(width, 2))
+    sketch = Sketch(8192, 1.0, np.zeros((8192, 16), np.float32), np.ones(8192, np.float32))
+    wide, narrow = dense(2048), dense(640)
+    model = {}
+    for layer in range(4):
+        model |= {f"{layer}.q": (wide, 6 << 20), f"{layer}.o": (wide, 4 << 20), f"{layer}.up": (wide, 32 << 20),
+                  f"{layer}.down": (sketch, 16 << 20)}
+    low = rounding.low_rank_inputs(model, 64)
+    assert low == {f"{layer}.{k}" for layer in range(4) for k in ("up", "down")}
+
+    def mean_cost(low):
+        cost = {n: 2 * 64 + 32 if n in low else m.band / 2 for n, (m, _) in model.items()}
+        return sum(cost[n] * w for n, (_, w) in model.items()) / sum(w for _, w in model.values())
+    assert mean_cost(low) <= rounding.FEEDBACK_BUDGET < mean_cost(low - {"0.up", "1.up", "2.up", "3.up"})
+    assert mean_cost(low - {"0.up"}) <= rounding.FEEDBACK_BUDGET  # one layer's would fit: every layer alike
+    small = {f"{layer}.{k}": (narrow, 2 << 20) for layer in range(4) for k in ("q", "up")}
+    small |= {f"{layer}.down": (wide, 1 << 20) for layer in range(4)}  # Gemma 3 270M's proportions
+    assert rounding.low_rank_inputs(small, 64) == set()
+    assert rounding.low_rank_inputs(small, 32) == {f"{layer}.down" for layer in range(4)}  # wider than 32 x 32
+    assert rounding.low_rank_inputs(model, 0) == set()
 
 
 FACTOR_HASH = """
