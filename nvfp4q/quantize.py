@@ -259,8 +259,7 @@ def _encode(step: Step, rows: np.ndarray, mult: np.float32, importance: np.ndarr
             fed: tuple | None, out: np.ndarray) -> None:
     """Source rows times mult in the step's type, into out (their rows of the output)."""
     if fed is not None:
-        out[...] = rounding.quantize_nvfp4(kernels.as_float32(rows, mult), fed[0], importance, s.search, _mode(s),
-                                           fed[1], s.feedback, fed[2])
+        rounding.quantize_nvfp4(rows, fed[0], importance, s.search, _mode(s), fed[1], s.feedback, fed[2], mult, out)
     else:
         codecs.encode(step.type, rows, importance, s.search, _mode(s), mult, out)
 

@@ -21,8 +21,8 @@ from numba import njit, prange
 
 from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.kernels import (EXACT_RATIO, KVALUES, LANES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES,
-                            _nearest, _nibble_value, _row_weights, _tabulate, lane_scratch, scale_encode,
-                            search_codes)
+                            _cols, _load, _nearest, _nibble_value, _output, _row_weights, _source, _tabulate,
+                            lane_scratch, scale_encode, search_codes)
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: GPTQ's usual dampening
 # The off-diagonal of H is multiplied by 1 - SHRINK: correlations measured on the calibration text
@@ -322,7 +322,7 @@ def _local_code(x, hl, search, e):
 
 
 @njit(cache=True, parallel=True)
-def _encode_gptq(x, u, vd, g, importance, search, weighting, hloc, feedback, out):
+def _encode_gptq(s32, s16, kind, mult, u, vd, g, importance, search, weighting, hloc, feedback, out):
     """Tiles of rows; inside a 64-column block every column's error moves the block's later
     columns at once, the columns after the block take the block's 64 errors afterwards, in
     column order: each weight sees the updates in the same order as one column at a time.
@@ -330,21 +330,23 @@ def _encode_gptq(x, u, vd, g, importance, search, weighting, hloc, feedback, out
     so that a column's rounding and its updates run along the tile's rows.
     With low_rank()'s vd and g (else empty), the errors go into a per-row sum instead, which each
     block reads at its start (the sum restarts with each of the covariance's blocks)."""
-    rows, cols = x.shape
+    rows, cols = out.shape[0], _cols(s32, s16, kind)
     band = u.shape[1]
     rank, lr_band = vd.shape[2], vd.shape[1]
     for t in prange((rows + TILE - 1) // TILE):
         r0 = t * TILE
         n = min(TILE, rows - r0)
-        w = x[r0:r0 + n].copy()
+        w = np.empty((n, cols), np.float32)
         imp = np.empty((n, cols), np.float32)
         for i in range(n):
-            _row_weights(x[r0 + i], importance, weighting, imp[i])
+            _load(s32, s16, r0 + i, kind, mult, w[i])
+            _row_weights(w[i], importance, weighting, imp[i])
         scratch = lane_scratch(TILE)  # the tile's rows are the search's lanes
         d = np.empty(n, np.float32)
         nibs = np.empty(TILE, np.float32)
         wb = np.zeros((NVFP4_BLOCK, TILE), np.float32)  # the block, transposed; lanes past n stay 0
         eb = np.zeros((NVFP4_BLOCK, TILE), np.float32)  # its errors, divided by U[j, j]
+        nb = np.zeros((NVFP4_BLOCK, TILE), np.uint8)  # its nibbles
         e16 = np.empty(NVFP4_SUB, np.float64)
         acc = np.zeros((rank, TILE), np.float32)
         pull = np.empty((NVFP4_BLOCK, TILE), np.float32)
@@ -376,20 +378,23 @@ def _encode_gptq(x, u, vd, g, importance, search, weighting, hloc, feedback, out
                         d[i] = SCALES[code]
                     _tabulate(d, scratch[6])  # the midpoints and steps of each row's scale
                 inv = np.float32(1.0) / u[b, j - first, j - first]
-                byte, shift = ib + 4 + s * 8 + (k & 7), 4 * (k >> 3)
                 for i in range(n):  # the midpoint tests along the rows (they vectorize)
                     nibs[i] = _nibble_value(abs(wb[jb, i]), wb[jb, i], scratch[6], i)
+                for i in range(n):  # as kernels._pack_lanes: the scan only where midpoint tests could tie
+                    if abs(wb[jb, i]) > d[i] * EXACT_RATIO:
+                        nibs[i] = _nearest(wb[jb, i], d[i])
                 for i in range(n):
-                    v, di = wb[jb, i], d[i]
-                    # as kernels._pack_lanes: the scan only where midpoint tests could tie
-                    nib = _nearest(v, di) if abs(v) > di * EXACT_RATIO else np.int64(nibs[i])
-                    out[r0 + i, byte] |= nib << shift
-                    eb[jb, i] = (v - KVALUES[nib] * di) * inv
+                    nb[jb, i] = np.uint8(nibs[i])
+                    eb[jb, i] = (wb[jb, i] - KVALUES[nb[jb, i]] * d[i]) * inv
                 if feedback:
                     for c in range(jb + 1, NVFP4_BLOCK):
                         uc = u[b, j - first, j0 + c - first]
                         for i in range(TILE):
                             wb[c, i] -= eb[jb, i] * uc
+            for i in range(n):  # two nibbles to a byte, columns k and k + 8 of each sub-block
+                for c in range(0, NVFP4_BLOCK, NVFP4_SUB):
+                    for k in range(NVFP4_SUB // 2):
+                        out[r0 + i, ib + 4 + c // 2 + k] = nb[c + k, i] | (nb[c + k + 8, i] << 4)
             if rank > 0 and feedback:
                 _push(eb, acc, g[j0 // lr_band], j0 % lr_band)
             if feedback and j0 + NVFP4_BLOCK < stop:
@@ -435,21 +440,24 @@ def _push(eb, acc, g, o):
                 acc[a, i] += eb[c, i] * ga
 
 
-def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feedback=True, low=None):
-    """float32 [rows, cols] -> NVFP4 blocks as kernels.quantize_nvfp4, rounded with error
-    feedback through u (factor()) unless not feedback, or through low = (V / Delta, G) with
-    low_rank()'s u; the scales chosen on hloc (local_blocks()) when given, else by the search;
-    the bytes do not depend on the thread count (rows are independent, each in a fixed order)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feedback=True, low=None, mult=1.0,
+                   out=None):
+    """Source rows [rows, cols] (float32, float16 or bfloat16 bits, as kernels.quantize_nvfp4's)
+    times mult -> NVFP4 blocks as kernels.quantize_nvfp4, rounded with error feedback through u
+    (factor()) unless not feedback, or through low = (V / Delta, G) with low_rank()'s u; the
+    scales chosen on hloc (local_blocks()) when given, else by the search; the bytes do not depend
+    on the thread count (rows are independent, each in a fixed order)."""
+    s32, s16, kind = _source(x)
     rows, cols = x.shape
     if cols % NVFP4_BLOCK:
         raise ValueError(f"NVFP4 needs a multiple of {NVFP4_BLOCK} columns, got {cols}")
     if u.shape[0] * u.shape[1] < cols:
         raise ValueError(f"factor covers {u.shape[0] * u.shape[1]} columns, the rows have {cols}")
     imp = np.empty(0, np.float32) if importance is None else np.ascontiguousarray(importance, np.float32)
-    out = np.zeros((rows, cols // NVFP4_BLOCK * NVFP4_BYTES), dtype=np.uint8)
+    out = _output(out, rows, cols // NVFP4_BLOCK * NVFP4_BYTES)
     hl = np.empty((0, NVFP4_SUB, NVFP4_SUB), np.float32) if hloc is None else np.ascontiguousarray(hloc, np.float32)
     none = np.empty((0, 1, 0), np.float32)
     vd, g = (none, none) if low is None else (np.ascontiguousarray(a, np.float32) for a in low)
-    _encode_gptq(x, np.ascontiguousarray(u, np.float32), vd, g, imp, search, weighting, hl, feedback, out)
+    _encode_gptq(s32, s16, kind, np.float32(mult), np.ascontiguousarray(u, np.float32), vd, g, imp, search, weighting,
+                 hl, feedback, out)
     return out

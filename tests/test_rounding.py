@@ -66,6 +66,14 @@ def test_kernel_equals_the_plain_definition(band, search):
     imp = m.diagonal() / np.float32(m.count)
     got = rounding.quantize_nvfp4(w, u, imp, search)
     assert np.array_equal(got, reference.gptq_nvfp4(w, u, imp, search))
+    stale = np.full_like(got, 0xFF)  # an output buffer's old bytes: every one is written
+    assert rounding.quantize_nvfp4(w, u, imp, search, out=stale) is stale and np.array_equal(stale, got)
+    # the source as quantize reads it: float16 or bfloat16 bits, decoded and scaled in the kernel
+    half, bf16 = w.astype(np.float16), (w.view(np.uint32) >> 16).astype(np.uint16)
+    for src, mult, decoded in ((half, 2.0, half.astype(np.float32)),
+                               (bf16, 0.5, (bf16.astype(np.uint32) << 16).view(np.float32))):
+        assert np.array_equal(rounding.quantize_nvfp4(src, u, imp, search, mult=mult),
+                              reference.gptq_nvfp4(decoded * np.float32(mult), u, imp, search))
 
 
 def test_diagonal_covariance_gives_the_search_bytes():
