@@ -141,13 +141,15 @@ def _low_rank(plan: list[Step], calib: calibration.Calibration | None, s: Settin
     """The calibrated inputs whose feedback goes through a low-rank covariance, for the whole model."""
     if calib is None or not s.feedback:
         return set()
-    inputs = {}
+    inputs, total = {}, 0
     for step in plan:
         src = calib.sources.get(step.tensor.name)
-        if step.type == T.NVFP4 and src is not None:
-            m, n = inputs.get(src, (calib.moments[src], 0))
-            inputs[src] = (m, n + int(np.prod(step.tensor.shape)))
-    return rounding.low_rank_inputs(inputs, s.rank)
+        n = int(np.prod(step.tensor.shape)) if step.type == T.NVFP4 else 0
+        total += n
+        if n and src is not None:
+            m, before = inputs.get(src, (calib.moments[src], 0))
+            inputs[src] = (m, before + n)
+    return rounding.low_rank_inputs(inputs, s.rank, total)
 
 
 def _entry(calib: calibration.Calibration | None, imat: imatrix.Imatrix | None, t: TensorInfo,

@@ -44,12 +44,13 @@ POWER_STEPS = 4  # subspace iterations that find the leading directions
 FEEDBACK_BUDGET = 512
 
 
-def low_rank_inputs(inputs: dict[str, tuple[Moments | Sketch, int]], rank: int) -> set[str]:
+def low_rank_inputs(inputs: dict[str, tuple[Moments | Sketch, int]], rank: int, total: int = 0) -> set[str]:
     """The inputs (name -> (moments, weights that read it)) rounded through rank-`rank`
     covariances: the sketched ones, those wider than WIDTH_PER_RANK * rank, and then, while the
-    mean feedback per weight that reads them is over FEEDBACK_BUDGET, the costliest of the rest, all
-    inputs of one width and weight count at a time (a layer's gate/up before its q/k/v, and every
-    layer alike). A whole covariance costs band / 2 multiply-adds per weight, a low-rank one
+    mean feedback over the `total` NVFP4 weights (at least those that read the inputs; the rest,
+    as MoE experts, have none) is over FEEDBACK_BUDGET, the costliest of the rest, all inputs of
+    one width and weight count at a time (a layer's gate/up before its q/k/v, and every layer
+    alike). A whole covariance costs band / 2 multiply-adds per weight, a low-rank one
     2 * rank + 32. Rank 0: none."""
     if not rank:
         return set()
@@ -57,8 +58,9 @@ def low_rank_inputs(inputs: dict[str, tuple[Moments | Sketch, int]], rank: int) 
            if isinstance(m, Sketch) or m.width > WIDTH_PER_RANK * rank}
     whole = {name: (min(m.band, m.width), n) for name, (m, n) in inputs.items() if name not in low}
     low_cost = 2 * rank + 32
-    total = sum(n for _, n in inputs.values())
-    cost = sum(band / 2 * n for band, n in whole.values()) + low_cost * (total - sum(n for _, n in whole.values()))
+    total = max(total, sum(n for _, n in inputs.values()))
+    cost = sum(band / 2 * n for band, n in whole.values()) + low_cost * sum(n for name, (_, n) in inputs.items()
+                                                                          if name in low)
     for key in sorted(set(whole.values()), reverse=True):
         if cost <= FEEDBACK_BUDGET * total or key[0] / 2 <= low_cost:
             break

@@ -185,7 +185,9 @@ def test_the_feedback_budget_moves_the_costliest_inputs_to_low_rank_whole_groups
     """Per layer of a 1B-shaped model: q/k/v, attn_output and gate/up read 2048-wide inputs,
     ffn_down a sketched 8192-wide one. All whole would cost 1024 multiply-adds per weight on
     most weights, over the budget: gate/up (the costliest group) go low-rank in every layer,
-    and attention stays whole. A narrower model stays whole; rank 0 keeps every input whole."""
+    and attention stays whole; in a model with as many weights again that have no moments, the mean
+    is lower and every input stays whole. A narrower model stays whole; rank 0 keeps every input
+    whole."""
     def dense(width):
         return Moments(width, 1.0, np.zeros((1, 1, 1), np.float32).repeat(width, 1).repeat(width, 2))
     sketch = Sketch(8192, 1.0, np.zeros((8192, 16), np.float32), np.ones(8192, np.float32))
@@ -202,6 +204,8 @@ def test_the_feedback_budget_moves_the_costliest_inputs_to_low_rank_whole_groups
         return sum(cost[n] * w for n, (_, w) in model.items()) / sum(w for _, w in model.values())
     assert mean_cost(low) <= rounding.FEEDBACK_BUDGET < mean_cost(low - {"0.up", "1.up", "2.up", "3.up"})
     assert mean_cost(low - {"0.up"}) <= rounding.FEEDBACK_BUDGET  # one layer's would fit: every layer alike
+    experts = 2 * sum(w for _, w in model.values())  # as many NVFP4 weights again, without moments (MoE experts)
+    assert rounding.low_rank_inputs(model, 64, experts) == {f"{layer}.down" for layer in range(4)}
     small = {f"{layer}.{k}": (narrow, 2 << 20) for layer in range(4) for k in ("q", "up")}
     small |= {f"{layer}.down": (wide, 1 << 20) for layer in range(4)}  # Gemma 3 270M's proportions
     assert rounding.low_rank_inputs(small, 64) == set()
