@@ -59,6 +59,13 @@ class _Diag:
     counts: np.ndarray  # float64 [n_mat]
 
 
+# The final norm, after every layer (llama.cpp's model graphs name it so): returning false when
+# it is computed ends the graph there, before the output head's [vocab x width] product over
+# every position (for Gemma 3 270M more work than all its layers), which llama-imatrix computes
+# for its perplexity and calibrate has no use for. Its logits are then never read.
+LAST_NODE = b"result_norm"
+
+
 class Collector:
     """The eval callback's state: moments per source weight, diagonals per expert weight.
 
@@ -107,6 +114,8 @@ class Collector:
 
     def _ask(self, ptr) -> bool:
         t = _Tensor.from_address(ptr)
+        if t.name == LAST_NODE:
+            return True
         op = self._op(t)
         if op != "MUL_MAT":
             return op is not None
@@ -118,6 +127,8 @@ class Collector:
 
     def _take(self, ptr) -> bool:
         t = _Tensor.from_address(ptr)
+        if t.name == LAST_NODE:
+            return False  # the rest of the graph is the output head's: no weight input of blk.* left
         op = self._op(t)
         if op is None:
             return True

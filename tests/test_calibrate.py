@@ -294,6 +294,31 @@ def test_non_finite_covariances_and_sketches_fail_in_one_line(calibrated, sketch
     assert not any(p.name.endswith("o.gguf") for p in tmp_path.iterdir())
 
 
+def test_stopping_at_the_final_norm_changes_no_statistic(calibrated, tmp_path, monkeypatch):
+    """calibrate ends each decode at the final norm, before the output head: every moment and
+    diagonal equals that of a decode run to its end, and the stop did happen."""
+    from nvfp4q import calibrate as calibrate_module
+
+    src, text, cal_path, _ = calibrated
+    answers = []
+    take = calibrate_module.Collector._take
+
+    def recorded(self, ptr):
+        answers.append(take(self, ptr))
+        return answers[-1]
+    monkeypatch.setattr(calibrate_module.Collector, "_take", recorded)
+    calibrate_module.calibrate(src, text, tmp_path / "stopped.gguf", ctx=CTX)
+    assert answers.count(False) == calibration.load(cal_path).imatrix.chunk_count  # once per chunk
+    monkeypatch.setattr(calibrate_module, "LAST_NODE", b"no such node")
+    calibrate_module.calibrate(src, text, tmp_path / "whole.gguf", ctx=CTX)
+    stopped, whole = (calibration.load(tmp_path / n) for n in ("stopped.gguf", "whole.gguf"))
+    assert stopped.sources == whole.sources and stopped.imatrix.entries.keys() == whole.imatrix.entries.keys()
+    for src_name, m in whole.moments.items():
+        assert np.array_equal(stopped.moments[src_name].blocks, m.blocks) and stopped.moments[src_name].count == m.count
+    for name, e in whole.imatrix.entries.items():
+        assert np.array_equal(stopped.imatrix.entries[name].values, e.values)
+
+
 def test_calibrate_refuses_bad_input_in_one_line(calibrated, tmp_path):
     src, text, cal_path, _ = calibrated
     short = tmp_path / "short.txt"
