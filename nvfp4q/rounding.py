@@ -210,18 +210,7 @@ def _leading(xtx, inv: np.ndarray, rank: int) -> np.ndarray:
         q = _orthonormal((inv * xtx(inv * q)).astype(np.float64)).astype(np.float32)
     y = (inv * xtx(inv * q)).astype(np.float64)
     q64 = q.astype(np.float64)
-    return q64 @ _psd_cholesky(_products(q64, y))
-
-
-@njit(cache=True)
-def _products(a, b):
-    """a^T b in float64, summed in row order."""
-    out = np.zeros((a.shape[1], b.shape[1]))
-    for r in range(a.shape[0]):
-        for i in range(a.shape[1]):
-            for j in range(b.shape[1]):
-                out[i, j] += a[r, i] * b[r, j]
-    return out
+    return q64 @ _psd_cholesky(q64.T @ y)
 
 
 @njit(cache=True)
@@ -230,21 +219,29 @@ def _psd_cholesky(a):
     return _cholesky(a, 1e-12 * max(np.max(np.diag(a)), 1e-300))
 
 
-@njit(cache=True)
-def _orthonormal(y):
-    """y's columns made orthonormal (Cholesky QR, twice); lacking directions become zero."""
+def _orthonormal(y: np.ndarray) -> np.ndarray:
+    """y's columns made orthonormal (Cholesky QR, twice); lacking directions become zero. The
+    products are BLAS's, which splits their rows and columns among its threads, never the summed
+    dimension: the bits do not depend on the thread count (tested)."""
     for _ in range(2):
-        low = _psd_cholesky(_products(y, y))
-        q = np.zeros_like(y)
-        for r in range(y.shape[0]):  # q[r] = L^-1 y[r]
-            for j in range(y.shape[1]):
-                if low[j, j] > 0:
-                    t = y[r, j]
-                    for k in range(j):
-                        t -= low[j, k] * q[r, k]
-                    q[r, j] = t / low[j, j]
-        y = q
+        y = y @ _solver(_psd_cholesky(y.T @ y))
     return y
+
+
+@njit(cache=True)
+def _solver(low):
+    """T such that row r of y @ T solves L q = y[r] by forward substitution, with q_j = 0 where
+    L's pivot is 0 (a direction y lacks): the substitution applied to each row of the identity."""
+    k = low.shape[0]
+    t = np.zeros((k, k))
+    for r in range(k):
+        for j in range(k):
+            if low[j, j] > 0:
+                v = 1.0 if r == j else 0.0
+                for m in range(j):
+                    v -= low[j, m] * t[r, m]
+                t[r, j] = v / low[j, j]
+    return t
 
 
 @njit(cache=True)
