@@ -38,6 +38,7 @@ def document(job: Job, opts: Options, s: Settings, src: Path, out: Path, summary
         "sidecars": [sidecar_name(st.tensor.name) for st in job.plan if st.sidecar],
         "imatrix": _imatrix(job),
         "allocation": _allocation(job),
+        "feedback": _feedback_inputs(job, s),
     }
     if summary is None:
         doc["bits_per_weight"] = _bpw(job.nbytes_out, job.n_weights)
@@ -109,11 +110,22 @@ def _allocation(job: Job) -> dict | None:
                                    "estimated_kld": sum(a.damage.values())}
 
 
-def _feedback(job: Job, st: Step, s: Settings) -> str | None:
-    src = job.calib.sources.get(st.tensor.name) if job.calib is not None and s.feedback else None
-    if src is None or st.type.name != "NVFP4":
+def _feedback_inputs(job: Job, s: Settings) -> dict | None:
+    """The calibrated inputs of the NVFP4 tensors, by the covariance their errors go through."""
+    names = {_source(job, st, s) for st in job.plan} - {None}
+    if not names:
         return None
-    return "low_rank" if src in job.low_rank else "whole"
+    return {"whole": sorted(names - job.low_rank), "low_rank": sorted(names & job.low_rank), "rank": s.rank}
+
+
+def _source(job: Job, st: Step, s: Settings) -> str | None:
+    src = job.calib.sources.get(st.tensor.name) if job.calib is not None and s.feedback else None
+    return src if st.type.name == "NVFP4" else None
+
+
+def _feedback(job: Job, st: Step, s: Settings) -> str | None:
+    src = _source(job, st, s)
+    return None if src is None else "low_rank" if src in job.low_rank else "whole"
 
 
 def _tensor(job: Job, st: Step, s: Settings) -> dict:
@@ -171,6 +183,10 @@ def _summary(doc: dict) -> None:
     ]
     if doc["allocation"] is not None:
         lines.append(_allocation_line(doc["allocation"]))
+    if doc["feedback"] is not None:
+        f = doc["feedback"]
+        lines.append(f"error feedback: {len(f['whole'])} inputs through their whole covariance, "
+                     f"{len(f['low_rank'])} through rank {f['rank']}")
     if doc["imatrix"] is not None and doc["imatrix"]["without_data"]:
         lines.append(f"without imatrix data: {len(doc['imatrix']['without_data'])} tensor(s)")
     print("\n".join(lines))

@@ -219,7 +219,9 @@ def test_low_rank_covariances_through_quantize(calibrated, searched, tmp_path):
     outs = []
     for n in (1, 2):
         outs.append(tmp_path / f"r{n}.gguf")
-        run_cli("quantize", src, outs[-1], "--calibration", cal_path, "--rank", 2, "--threads", n, "-q", check=True)
+        shown = run_cli("quantize", src, outs[-1], "--calibration", cal_path, "--rank", 2, "--threads", n, "-q",
+                        check=True).stdout
+        assert "error feedback: 0 inputs through their whole covariance, 4 through rank 2" in shown
     assert outs[0].read_bytes() == outs[1].read_bytes()
     whole = tmp_path / "whole.gguf"
     run_cli("quantize", src, whole, "--calibration", cal_path, "-q", check=True)
@@ -234,6 +236,9 @@ def test_low_rank_covariances_through_quantize(calibrated, searched, tmp_path):
         doc = json.loads(run_cli("quantize", src, tmp_path / "dry.gguf", "--calibration", cal_path, "--rank", *args,
                                  "--dry-run", "--json", check=True).stdout)
         assert {t["name"]: t["feedback"] for t in doc["tensors"] if t["to"] == "NVFP4"} == dict.fromkeys(nvfp4, feedback)
+        inputs = sorted({calibration.load(cal_path).sources[name] for name in nvfp4})
+        assert doc["feedback"] == (feedback and {"whole": inputs * (feedback == "whole"),
+                                                 "low_rank": inputs * (feedback == "low_rank"), "rank": args[0]})
 
 
 def test_calibration_shrunk_to_its_diagonal_gives_the_imatrix_search_bytes(calibrated, searched, tmp_path):
