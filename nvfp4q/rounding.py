@@ -444,8 +444,9 @@ def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feed
     """Source rows [rows, cols] (float32, float16 or bfloat16 bits, as kernels.quantize_nvfp4's)
     times mult -> NVFP4 blocks as kernels.quantize_nvfp4, rounded with error feedback through u
     (factor()) unless not feedback, or through low = (V / Delta, G) with low_rank()'s u; the
-    scales chosen on hloc (local_blocks()) when given, else by the search; the bytes do not depend
-    on the thread count (rows are independent, each in a fixed order)."""
+    scales chosen on hloc (local_blocks()) when given, else by the search; written into out when
+    given (every byte); the bytes do not depend on the thread count (rows are independent, each in
+    a fixed order)."""
     s32, s16, kind = _source(x)
     rows, cols = x.shape
     if cols % NVFP4_BLOCK:
