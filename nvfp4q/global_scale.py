@@ -58,9 +58,9 @@ RESCALES: dict[str, Rescale] = {
 }
 MODES = ("auto", "sidecar", "rescale", "off")
 # The kinds whose sidecars `auto` writes: the FFN's, where mending subnormal sub-blocks paid
-# (gemma3's ffn_down had 99.5% of them). Attention sidecars were noise on gemma3 and llama and
-# cost perplexity on qwen2 (docs/global-scale.md): only `--global-scale sidecar` writes them, and
-# output.scale.
+# (99.5% of gemma3's ffn_down codes were subnormal under round-to-nearest). Attention sidecars
+# were noise on gemma3 and llama and cost perplexity on qwen2 (docs/global-scale.md): only
+# `--global-scale sidecar` writes them, and output.scale.
 AUTO_SIDECARS = _FFN | _EXPS
 
 
