@@ -292,17 +292,14 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
     if band < 64 or band % 64:
         raise UserError(f"--band {band}: use a multiple of 64 (NVFP4's block)")
     _check_out(model, out, overwrite)
-    try:
-        text = Path(text_path).read_text(encoding="utf-8", errors="replace").removesuffix("\n")  # as llama-imatrix's -f
-    except OSError as e:
-        raise UserError(f"{text_path}: {e.strerror}") from None
+    text = evaluation.read_text(text_path)
     evaluation.model_size(model)  # a missing, truncated or non-GGUF model gets our message, not llama.cpp's
     lib = evaluation.llama_cpp_module()
     collector = Collector(_ggml(os.path.dirname(lib.__file__)), band, sketch, sketch_above)
     callback = lib.ggml_backend_sched_eval_callback(collector)
     runner = evaluation.Runner(model, ctx, threads, cb_eval=callback)
     try:
-        tokens = runner.tokenize(text, add_bos=runner.add_bos)
+        tokens = runner.tokenize(text)
         available = len(tokens) // ctx
         n_chunks = available if chunks is None else min(chunks, available)
         if n_chunks < 1:

@@ -1,7 +1,8 @@
 """nvfp4q eval: how far quantized GGUFs are from their base model, run by stock llama.cpp.
 
-As llama-perplexity --kl-divergence: the text is cut into chunks of ctx tokens, each evaluated
-from an empty context with the first token replaced by BOS where the model adds one, and the
+As llama-perplexity --kl-divergence: the text (read as its `-f` reads it) is tokenized with BOS
+where the model adds one, cut into chunks of ctx tokens, each evaluated from an empty context
+with the first token replaced by that BOS, and the
 second half of each chunk is scored (every scored token sees at least ctx/2 tokens). The base
 model's logits are computed once per chunk and compared with each quantized model's at once,
 so no model's logits are ever stored beyond the chunk at hand. llama.cpp computes logits only
@@ -45,8 +46,10 @@ def llama_cpp_module():
 class Runner:
     """One GGUF loaded in stock llama.cpp, one context of ctx tokens.
 
-    With cb_eval (a ggml_backend_sched_eval_callback) the context is one of our own that calls
-    it for every graph node, as llama-imatrix's does.
+    The context is made here, not by the binding, with flash attention on `auto`, as
+    llama-perplexity and llama-imatrix make theirs (the binding's default is off, which gives
+    other numbers than those tools and runs slower); with cb_eval (a
+    ggml_backend_sched_eval_callback) it calls that for every graph node, as llama-imatrix's does.
     """
 
     def __init__(self, path: Path, ctx: int, threads: int, cb_eval=None):
@@ -61,22 +64,27 @@ class Runner:
         self.add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
         self.n_vocab = self.llm.n_vocab()
         self.batch = self.lib.llama_batch_init(ctx, 0, 1)
-        self.ctx, self._own_ctx = self.llm.ctx, None
+        self.llm._ctx.close()  # the binding's own context: its compute buffers go before ours are made
+        params = self.llm.context_params
+        params.flash_attn_type = self.lib.LLAMA_FLASH_ATTN_TYPE_AUTO
         if cb_eval is not None:
-            params = self.llm.context_params
             params.cb_eval, params.cb_eval_user_data = cb_eval, None
-            self.ctx = self._own_ctx = self.lib.llama_init_from_model(self.llm.model, params)
-            if not self.ctx:
-                raise UserError(f"{path}: llama.cpp cannot make a context for it")
+        self.ctx = self.lib.llama_init_from_model(self.llm.model, params)
+        if not self.ctx:
+            self.close()
+            raise UserError(f"{path}: llama.cpp cannot make a context for it")
 
     def close(self) -> None:
-        if self._own_ctx:
-            self.lib.llama_free(self._own_ctx)
+        if self.ctx:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
         self.lib.llama_batch_free(self.batch)
         self.llm.close()
 
-    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=False)
+    def tokenize(self, text: str) -> list[int]:
+        """The text's tokens as llama-perplexity and llama-imatrix take them: BOS first where the
+        model adds one, so chunk c holds the text's tokens from c * ctx - 1 on (its BOS aside)."""
+        return self.llm.tokenize(text.encode(), add_bos=self.add_bos, special=False)
 
     def chunk(self, tokens: list[int]) -> list[int]:
         """The chunk as llama-perplexity evaluates it: BOS first where the model wants one."""
@@ -127,6 +135,14 @@ def model_size(path: Path) -> dict:
     return {"bytes": nbytes, "parameters": params, "bits_per_weight": 8 * nbytes / params if params else None}
 
 
+def read_text(path: Path) -> str:
+    """A text file as llama.cpp's tools read `-f`: one final newline taken off."""
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace").removesuffix("\n")
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+
+
 def _check_same_tokenizer(base: Runner, q: Runner, tokens: list[int], text: str) -> None:
     if q.n_vocab != base.n_vocab:
         raise UserError(f"{q.path}: vocabulary of {q.n_vocab} tokens, the base has {base.n_vocab}: not the same model")
@@ -139,10 +155,7 @@ def evaluate(base: Path, quants: list[Path], text_path: Path, ctx: int = 512, ch
     """Per-token NLL, KLD and top-1 agreement of each quantized model against base."""
     if ctx < 8 or ctx % 2:
         raise UserError(f"--ctx {ctx}: use an even number of at least 8")
-    try:
-        text = Path(text_path).read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise UserError(f"{text_path}: {e.strerror}") from None
+    text = read_text(text_path)
     sizes = {p: model_size(p) for p in [base, *quants]}
     runners = []
     try:

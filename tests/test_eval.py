@@ -33,11 +33,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def reference(path, text, chunks):
     """Per-token log-probabilities of the scored halves, from llama-cpp-python's own
-    all-logits evaluation (not the batch code under test), in float64 numpy."""
+    all-logits evaluation (not the batch code under test), in float64 numpy. Flash attention on,
+    as llama-perplexity's `auto` resolves on a CPU (the binding's default, off, gives other logits)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CTX, n_batch=CTX, logits_all=True, verbose=False, n_threads=2)
-    tokens = llm.tokenize(text.read_text().encode(), add_bos=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CTX, n_batch=CTX, logits_all=True, verbose=False, n_threads=2,
+                          flash_attn=True)
+    # as llama-perplexity: the file without its final newline, BOS first (the tiny model adds one)
+    tokens = llm.tokenize(text.read_text().removesuffix("\n").encode(), add_bos=True)
     out = []
     for c in range(chunks):
         chunk = [llm.token_bos()] + tokens[c * CTX + 1:(c + 1) * CTX]
