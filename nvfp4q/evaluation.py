@@ -2,11 +2,10 @@
 
 As llama-perplexity --kl-divergence: the text (read as its `-f` reads it) is tokenized with BOS
 where the model adds one, cut into chunks of ctx tokens, each evaluated from an empty context
-with the first token replaced by that BOS, and the
-second half of each chunk is scored (every scored token sees at least ctx/2 tokens). The base
-model's logits are computed once per chunk and compared with each quantized model's at once,
-so no model's logits are ever stored beyond the chunk at hand. llama.cpp computes logits only
-for the scored positions.
+with the first token replaced by that BOS, and the second half of each chunk is scored (every
+scored token sees at least ctx/2 tokens). The base model's logits are computed once per chunk
+and compared with each quantized model's at once, so no model's logits are ever stored beyond
+the chunk at hand. llama.cpp computes logits only for the scored positions.
 """
 
 import ctypes
