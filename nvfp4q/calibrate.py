@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvfp4q import calibration, evaluation, rounding
+from nvfp4q import calibration, evaluation, rounding, synthetic
 from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.errors import UserError
 from nvfp4q.units import human_bytes
@@ -281,32 +281,38 @@ class Summary:
     weights: int
     banded: list[str] = field(default_factory=list)
     sketched: list[str] = field(default_factory=list)
+    generated: int = 0
+    generation_seconds: float = 0.0
 
 
-def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None, ctx: int = 512,
+def calibrate(model: Path, text_path: Path | None, out: Path, chunks: int | None = None, ctx: int = 512,
               band: int = DEFAULT_BAND, threads: int = 2, overwrite: bool = False,
               sketch: int = DEFAULT_SKETCH, sketch_above: int = SKETCH_ABOVE,
-              on_chunk: Callable[..., None] = lambda done, total, tokens, note="": None) -> Summary:
+              on_chunk: Callable[..., None] = lambda done, total, tokens, note="": None,
+              generate: int = 0, seed: int = 0) -> Summary:
+    """generate: chunks the model writes itself (synthetic.py), taken after the text's."""
     if ctx < MIN_ROWS:
         raise UserError(f"--ctx {ctx}: use at least {MIN_ROWS}")
     if band < 64 or band % 64:
         raise UserError(f"--band {band}: use a multiple of 64 (NVFP4's block)")
+    if text_path is None and not generate:
+        raise UserError("give a calibration text (--text), chunks the model writes itself (--generate), or both")
     _check_out(model, out, overwrite)
-    text = evaluation.read_text(text_path)
+    text = None if text_path is None else evaluation.read_text(text_path)
     evaluation.model_size(model)  # a missing, truncated or non-GGUF model gets our message, not llama.cpp's
     lib = evaluation.llama_cpp_module()
     collector = Collector(_ggml(os.path.dirname(lib.__file__)), band, sketch, sketch_above)
     callback = lib.ggml_backend_sched_eval_callback(collector)
     runner = evaluation.Runner(model, ctx, threads, cb_eval=callback)
     try:
-        tokens = runner.tokenize(text)
-        available = len(tokens) // ctx
-        n_chunks = available if chunks is None else min(chunks, available)
-        if n_chunks < 1:
-            raise UserError(f"{text_path}: {len(tokens)} tokens, too short for one chunk of {ctx}")
+        work = [] if text is None else _text_chunks(runner, text, text_path, ctx, chunks)  # checked first
+        began = time.perf_counter()
+        written = synthetic.write(model, generate, ctx, threads, seed, on_chunk) if generate else []
+        generating = time.perf_counter() - began
+        work += written
+        n_chunks = len(work)
         started = time.perf_counter()
-        for c in range(n_chunks):
-            chunk = runner.chunk(tokens[c * ctx:(c + 1) * ctx])
+        for c, chunk in enumerate(work):
             try:
                 with _signals_held():
                     runner.decode(chunk, 0, len(chunk))  # every position, as llama-imatrix: no row is pruned
@@ -327,10 +333,20 @@ def calibrate(model: Path, text_path: Path, out: Path, chunks: int | None = None
             for n, s in collector.sources.items()}
     diag |= {n: (d.sums.astype(np.float32), d.counts.astype(np.float32)) for n, d in collector.diag.items()}
     moments = {n: m.sketch() if isinstance(m, _Nystrom) else m for n, m in ms.items()}
-    path = calibration.write(out, moments, collector.sources, diag, Path(text_path).name, n_chunks, ctx, band)
+    datasets = ([Path(text_path).name] if text_path else []) + ([f"{synthetic.DATASET}, seed {seed}"] if generate else [])
+    path = calibration.write(out, moments, collector.sources, diag, datasets, n_chunks, ctx, band)
     return Summary(path, n_chunks, n_chunks * ctx, seconds, _bytes(collector), len(moments), len(diag),
                    [n for n, m in moments.items() if isinstance(m, Moments) and not m.whole],
-                   [n for n, m in moments.items() if isinstance(m, Sketch)])
+                   [n for n, m in moments.items() if isinstance(m, Sketch)], len(written), generating)
+
+
+def _text_chunks(runner: evaluation.Runner, text: str, path: Path, ctx: int, chunks: int | None) -> list[list[int]]:
+    tokens = runner.tokenize(text)
+    available = len(tokens) // ctx
+    n = available if chunks is None else min(chunks, available)
+    if n < 1:
+        raise UserError(f"{path}: {len(tokens)} tokens, too short for one chunk of {ctx}")
+    return [runner.chunk(tokens[c * ctx:(c + 1) * ctx]) for c in range(n)]
 
 
 @contextmanager
@@ -366,14 +382,18 @@ def _bytes(c: Collector) -> int:
 
 def document(s: Summary) -> dict:
     """The JSON-ready summary."""
-    return {"schema": SCHEMA, "output": str(s.out), "chunks": s.chunks, "tokens": s.tokens, "seconds": s.seconds,
+    return {"schema": SCHEMA, "output": str(s.out), "chunks": s.chunks, "generated_chunks": s.generated,
+            "generation_seconds": s.generation_seconds,
+            "tokens": s.tokens, "seconds": s.seconds,
             "tokens_per_second": s.tokens / s.seconds if s.seconds else None, "moment_bytes": s.accumulator_bytes,
             "inputs": s.sources, "weights": s.weights, "banded_inputs": s.banded, "sketched_inputs": s.sketched}
 
 
 def render(doc: dict) -> None:
     print(f"{doc['output']}: {doc['inputs']} inputs' covariances for {doc['weights']} weights, "
-          f"{doc['chunks']} chunks ({doc['tokens']} tokens) in {doc['seconds']:.1f} s, "
+          f"{doc['chunks']} chunks ({doc['tokens']} tokens"
+          + (f", {doc['generated_chunks']} chunks written by the model" if doc["generated_chunks"] else "")
+          + f") in {doc['seconds']:.1f} s, "
           f"{human_bytes(doc['moment_bytes'])} of moments"
           + (f", {len(doc['banded_inputs'])} banded" if doc["banded_inputs"] else "")
           + (f", {len(doc['sketched_inputs'])} sketched" if doc["sketched_inputs"] else ""))

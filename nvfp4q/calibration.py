@@ -195,14 +195,14 @@ def _counts(path: Path, h: gguf_header.Header, tensors: dict, src: str) -> float
 
 
 def write(out: Path, moments: dict[str, Moments | Sketch], sources: dict[str, str], diag: dict[str, tuple],
-          dataset: str, chunks: int, ctx: int, band: int) -> Path:
+          datasets: list[str], chunks: int, ctx: int, band: int) -> Path:
     """diag: weight -> (in_sum2 [n_mat, width], counts [n_mat]) for every weight seen, experts too."""
     w = gguf_io.Writer(out, "", gguf_header.DEFAULT_ALIGNMENT)
     g = w.gguf
     g.kv_data[0].pop("general.architecture", None)  # an imatrix has none
     try:
         g.add_type("imatrix")
-        g.add_array("imatrix.datasets", [dataset])
+        g.add_array("imatrix.datasets", datasets)
         g.add_uint32("imatrix.chunk_count", chunks)
         g.add_uint32("imatrix.chunk_size", ctx)
         g.add_uint32(KEY_CTX, ctx)

@@ -201,9 +201,11 @@ def quantize(
 @app.command(cls=_OneLineErrors)
 def calibrate(
     model: Annotated[Path, typer.Argument(help="The f16/bf16/f32 GGUF to calibrate on (the model you will quantize).")],
-    text: Annotated[Path, typer.Option(help="UTF-8 calibration text (not the text you evaluate on).")],
     out: Annotated[Path, typer.Option("-o", "--output", help="Calibration file to write (a GGUF, also a valid --imatrix).")],
-    chunks: Annotated[Optional[int], typer.Option(min=1, help="Use the first N chunks (default: all).")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="UTF-8 calibration text (not the text you evaluate on).")] = None,
+    chunks: Annotated[Optional[int], typer.Option(min=1, help="Use the first N chunks of the text (default: all).")] = None,
+    generate: Annotated[int, typer.Option(min=0, help="Add N chunks the model writes itself from random first tokens: covariances that reach beyond the text's kind (docs/calibration.md).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of --generate's sampling.")] = 0,
     ctx: Annotated[int, typer.Option(min=16, help="Tokens per chunk.")] = 512,
     band: Annotated[int, typer.Option(min=64, help="Inputs wider than this and not sketched keep band x band diagonal blocks of their covariance.")] = 4096,
     sketch: Annotated[int, typer.Option(min=0, help="Inputs wider than --sketch-above keep a rank-N sketch of their covariance instead (0: none).")] = 256,
@@ -213,13 +215,13 @@ def calibrate(
     json_out: Annotated[bool, typer.Option("--json", help="The summary as one JSON document on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
 ) -> None:
-    """Run MODEL in stock llama.cpp over TEXT and collect every weight input's covariance X^T X."""
+    """Run MODEL in stock llama.cpp over TEXT (and text it writes itself) and collect every weight input's covariance X^T X."""
     from nvfp4q import calibrate as cal, eval_view
 
     try:
         with eval_view.progress(sys.stderr.isatty(), quiet) as on_chunk:
             summary = cal.calibrate(model, text, out, chunks, ctx, band, threads or os.cpu_count() or 1,
-                                    overwrite, sketch, sketch_above, on_chunk)
+                                    overwrite, sketch, sketch_above, on_chunk, generate, seed)
     except UserError as e:
         _fail(str(e), EXIT_FAILURE)
     except OSError as e:

@@ -42,11 +42,23 @@ def render(doc: dict) -> None:
 
 @contextmanager
 def progress(enabled: bool, quiet: bool = False):
-    """Yields on_chunk(done, total, tokens, note=""): a bar on a TTY, else a plain line per chunk."""
-    started = time.perf_counter()
+    """Yields on_chunk(done, total, tokens, note=""): a bar on a TTY, else a plain line per chunk.
+
+    A count that starts again (done not above the last one) is a new phase (calibrate --generate
+    writes its chunks, then runs them): the clock, rate and ETA start again with it.
+    """
     if quiet:
         yield lambda done, total, tokens, note="": None
         return
+    phase = {"started": time.perf_counter(), "done": 0}
+
+    def restart(done: int) -> bool:
+        new = done <= phase["done"]
+        if new:
+            phase["started"] = time.perf_counter()
+        phase["done"] = done
+        return new
+
     if enabled:
         bar = Progress(TextColumn("{task.completed:.0f}/{task.total:.0f} chunks"), BarColumn(),
                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -55,14 +67,17 @@ def progress(enabled: bool, quiet: bool = False):
             task = bar.add_task("chunks", total=None, rate="", note="")
 
             def on_chunk(done, total, tokens, note=""):
+                if restart(done):
+                    bar.reset(task)
                 bar.update(task, completed=done, total=total, note=note,
-                           rate=f"{tokens / (time.perf_counter() - started):.0f} tokens/s")
+                           rate=f"{tokens / (time.perf_counter() - phase['started']):.0f} tokens/s")
 
             yield on_chunk
         return
 
     def on_chunk(done, total, tokens, note=""):
-        elapsed = time.perf_counter() - started
+        restart(done)
+        elapsed = time.perf_counter() - phase["started"]
         print(f"nvfp4q: chunk {done}/{total}, {tokens / elapsed:.0f} tokens/s, "
               f"ETA {elapsed * (total - done) / done:.0f} s{', ' + note if note else ''}", file=sys.stderr, flush=True)
 

@@ -51,10 +51,11 @@ class Runner:
     ggml_backend_sched_eval_callback) it calls that for every graph node, as llama-imatrix's does.
     """
 
-    def __init__(self, path: Path, ctx: int, threads: int, cb_eval=None):
+    def __init__(self, path: Path, ctx: int, threads: int, cb_eval=None, sequences: int = 1):
         self.lib = llama_cpp_module()
+        rows = max(ctx, 2 * sequences)  # synthetic.write's first batch: BOS and a start per sequence
         try:
-            self.llm = self.lib.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
+            self.llm = self.lib.Llama(model_path=str(path), n_ctx=ctx, n_batch=rows, n_ubatch=rows,
                                       n_threads=threads, n_threads_batch=threads, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"{path}: llama.cpp cannot load it ({e})") from None
@@ -62,10 +63,13 @@ class Runner:
         self.vocab = self.lib.llama_model_get_vocab(self.llm.model)
         self.add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
         self.n_vocab = self.llm.n_vocab()
-        self.batch = self.lib.llama_batch_init(ctx, 0, 1)
+        self.batch = self.lib.llama_batch_init(rows, 0, 1)
         self.llm._ctx.close()  # the binding's own context: its compute buffers go before ours are made
         params = self.llm.context_params
         params.flash_attn_type = self.lib.LLAMA_FLASH_ATTN_TYPE_AUTO
+        # one ctx-sized cache per sequence, each token attending to its own sequence only
+        params.n_ctx, params.n_seq_max, params.kv_unified = ctx * sequences, sequences, False
+        params.n_batch = params.n_ubatch = rows  # the binding caps them at its n_ctx
         if cb_eval is not None:
             params.cb_eval, params.cb_eval_user_data = cb_eval, None
         self.ctx = self.lib.llama_init_from_model(self.llm.model, params)
@@ -94,20 +98,29 @@ class Runner:
     def logits(self, tokens: list[int], first: int) -> np.ndarray:
         """float32 [len(tokens) - 1 - first, n_vocab]: the logits predicting tokens[first + 1:]."""
         self.decode(tokens, first)
-        rows = len(tokens) - 1 - first
+        return self.outputs(len(tokens) - 1 - first)
+
+    def outputs(self, rows: int) -> np.ndarray:
+        """float32 [rows, n_vocab]: the last decode's logits, in the order of its rows that asked."""
         return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(rows * self.n_vocab,)) \
             .reshape(rows, self.n_vocab)
 
     def decode(self, tokens: list[int], first: int, stop: int | None = None) -> None:
         """Run the chunk from an empty context, logits for positions [first, stop) (len - 1)."""
         stop = len(tokens) - 1 if stop is None else stop
+        self.clear()
+        self.submit([(tok, i, 0, first <= i < stop) for i, tok in enumerate(tokens)])
+
+    def clear(self) -> None:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+
+    def submit(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of rows (token, position, sequence, wants logits)."""
         b = self.batch
-        b.n_tokens = len(tokens)
-        for i, tok in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i] = tok, i, 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = first <= i < stop
+        b.n_tokens = len(rows)
+        for i, (tok, pos, seq, out) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, out
+            b.seq_id[i][0] = seq
         rc = self.lib.llama_decode(self.ctx, b)
         if rc != 0:
             raise UserError(f"{self.path}: llama_decode failed ({rc})")

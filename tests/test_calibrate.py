@@ -352,7 +352,8 @@ def test_inspect_shows_a_calibration_file(calibrated):
     assert "calibration" in table and "sketched" in table
 
 
-def test_ctrl_c_stops_calibrate_and_leaves_nothing(calibrated, tmp_path):
+@pytest.mark.parametrize("phase", ["collecting", "writing"])
+def test_ctrl_c_stops_calibrate_and_leaves_nothing(calibrated, tmp_path, phase):
     import signal
     import subprocess
     import sys
@@ -361,11 +362,13 @@ def test_ctrl_c_stops_calibrate_and_leaves_nothing(calibrated, tmp_path):
     text = tmp_path / "long.txt"
     text.write_text(TEXT * 40)
     out = tmp_path / "c.gguf"
-    proc = subprocess.Popen([sys.executable, "-m", "nvfp4q", "calibrate", src, "--text", text, "-o", out,
+    source = ["--text", text] if phase == "collecting" else ["--generate", 10_000]  # chunks the model writes
+    proc = subprocess.Popen([sys.executable, "-m", "nvfp4q", "calibrate", src, *map(str, source), "-o", out,
                              "--ctx", str(CTX)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        first = proc.stderr.readline()  # a progress line: it is collecting
-        assert first.startswith("nvfp4q: chunk 1/"), first
+        first = proc.stderr.readline()  # a progress line: it is collecting, or writing
+        assert first.startswith("nvfp4q: chunk 1/" if phase == "collecting" else "nvfp4q: chunk 32/10000"), first
+        assert first.rstrip().endswith("written by the model") == (phase == "writing")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)  # reading on: progress lines must not fill the pipe
     finally:

@@ -1,0 +1,66 @@
+"""Calibration chunks written by the model itself (calibrate --generate).
+
+A covariance only knows the text it was collected on: one from legal prose rounds code poorly
+(docs/calibration.md). The model's own samples cover what it was trained on, code included,
+without any data: each chunk starts from BOS and one token drawn uniformly from the vocabulary's
+printable normal tokens (the start is what makes the chunks differ in kind, not only in wording),
+then the model samples at temperature 1 until the chunk is full. An end-of-generation token is
+replaced by a fresh random start, so every chunk holds ctx tokens as a text chunk does.
+
+Many chunks are written at once (one llama.cpp sequence each) and the sampling is done here
+from the logits with a seeded generator, so the same seed gives the same chunks.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from nvfp4q import evaluation
+
+SEQUENCES = 32  # chunks written side by side: a batch of 32 rows costs little more than one
+DATASET = "written by the model (nvfp4q calibrate --generate)"  # its name in imatrix.datasets
+
+
+def starts(runner: evaluation.Runner) -> np.ndarray:
+    """Tokens a chunk may start from: normal (not control, byte or unused) and printable."""
+    lib, llm = runner.lib, runner.llm
+    return np.array([t for t in range(runner.n_vocab)
+                     if lib.llama_vocab_get_attr(runner.vocab, t) == lib.LLAMA_TOKEN_ATTR_NORMAL
+                     and llm.detokenize([t]).decode("utf-8", "ignore").strip()], np.int32)
+
+
+def draw(logits: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One token per row of logits at temperature 1, by inverting the CDF at u (in [0, 1))."""
+    p = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    cdf = np.cumsum(p, axis=1)
+    picks = (cdf < (u * cdf[:, -1])[:, None]).sum(axis=1)
+    return np.minimum(picks, logits.shape[1] - 1)
+
+
+def write(model: Path, n_chunks: int, ctx: int, threads: int, seed: int = 0,
+          on_chunk: Callable[..., None] = lambda done, total, tokens, note="": None) -> list[list[int]]:
+    """n_chunks lists of ctx tokens each (BOS first where the model adds one)."""
+    runner = evaluation.Runner(model, ctx, threads, sequences=SEQUENCES)
+    try:
+        rng = np.random.default_rng(seed)
+        first = starts(runner)
+        head = [runner.llm.token_bos()] if runner.add_bos else []
+        chunks: list[list[int]] = []
+        while len(chunks) < n_chunks:
+            m = min(SEQUENCES, n_chunks - len(chunks))
+            seqs = [head + [int(first[rng.integers(len(first))])] for _ in range(m)]
+            runner.clear()
+            runner.submit([(tok, i, k, i == len(s) - 1) for k, s in enumerate(seqs) for i, tok in enumerate(s)])
+            while True:
+                for s, tok in zip(seqs, draw(runner.outputs(m), rng.random(m))):
+                    eog = runner.lib.llama_vocab_is_eog(runner.vocab, int(tok))
+                    s.append(int(first[rng.integers(len(first))]) if eog else int(tok))
+                if len(seqs[0]) == ctx:
+                    break
+                runner.submit([(s[-1], len(s) - 1, k, True) for k, s in enumerate(seqs)])
+            chunks += seqs
+            on_chunk(len(chunks), n_chunks, len(chunks) * ctx, "written by the model")
+    finally:
+        runner.close()
+    return chunks
