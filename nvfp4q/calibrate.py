@@ -305,7 +305,7 @@ def calibrate(model: Path, text_path: Path | None, out: Path, chunks: int | None
     callback = lib.ggml_backend_sched_eval_callback(collector)
     runner = evaluation.Runner(model, ctx, threads, cb_eval=callback)
     try:
-        work = [] if text is None else _text_chunks(runner, text, text_path, ctx, chunks)  # checked first
+        work = [] if text is None else runner.chunks(runner.tokenize(text), chunks, text_path)  # checked first
         began = time.perf_counter()
         written = synthetic.write(model, generate, ctx, threads, seed, on_chunk) if generate else []
         generating = time.perf_counter() - began
@@ -338,15 +338,6 @@ def calibrate(model: Path, text_path: Path | None, out: Path, chunks: int | None
     return Summary(path, n_chunks, n_chunks * ctx, seconds, _bytes(collector), len(moments), len(diag),
                    [n for n, m in moments.items() if isinstance(m, Moments) and not m.whole],
                    [n for n, m in moments.items() if isinstance(m, Sketch)], len(written), generating)
-
-
-def _text_chunks(runner: evaluation.Runner, text: str, path: Path, ctx: int, chunks: int | None) -> list[list[int]]:
-    tokens = runner.tokenize(text)
-    available = len(tokens) // ctx
-    n = available if chunks is None else min(chunks, available)
-    if n < 1:
-        raise UserError(f"{path}: {len(tokens)} tokens, too short for one chunk of {ctx}")
-    return [runner.chunk(tokens[c * ctx:(c + 1) * ctx]) for c in range(n)]
 
 
 @contextmanager

@@ -59,7 +59,7 @@ class Runner:
                                       n_threads=threads, n_threads_batch=threads, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"{path}: llama.cpp cannot load it ({e})") from None
-        self.path = path
+        self.path, self.chunk_size = path, ctx
         self.vocab = self.lib.llama_model_get_vocab(self.llm.model)
         self.add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
         self.n_vocab = self.llm.n_vocab()
@@ -89,11 +89,15 @@ class Runner:
         model adds one, so chunk c holds the text's tokens from c * ctx - 1 on (its BOS aside)."""
         return self.llm.tokenize(text.encode(), add_bos=self.add_bos, special=False)
 
-    def chunk(self, tokens: list[int]) -> list[int]:
-        """The chunk as llama-perplexity evaluates it: BOS first where the model wants one."""
-        if self.add_bos:
-            return [self.llm.token_bos(), *tokens[1:]]
-        return list(tokens)
+    def chunks(self, tokens: list[int], limit: int | None, source: Path) -> list[list[int]]:
+        """The first `limit` (None: all) whole chunks of ctx tokens as llama-perplexity and
+        llama-imatrix evaluate them: the first token replaced by BOS where the model wants one."""
+        size = self.chunk_size
+        n = len(tokens) // size if limit is None else min(limit, len(tokens) // size)
+        if n < 1:
+            raise UserError(f"{source}: {len(tokens)} tokens, too short for one chunk of {size}")
+        head = [self.llm.token_bos()] if self.add_bos else []
+        return [head + tokens[c * size + len(head):(c + 1) * size] for c in range(n)]
 
     def logits(self, tokens: list[int], first: int) -> np.ndarray:
         """float32 [len(tokens) - 1 - first, n_vocab]: the logits predicting tokens[first + 1:]."""
@@ -174,18 +178,15 @@ def evaluate(base: Path, quants: list[Path], text_path: Path, ctx: int = 512, ch
         runners.append(Runner(base, ctx, threads))
         ref = runners[0]
         tokens = ref.tokenize(text)
-        available = len(tokens) // ctx
-        n_chunks = available if chunks is None else min(chunks, available)
-        if n_chunks < 1:
-            raise UserError(f"{text_path}: {len(tokens)} tokens, too short for one chunk of {ctx}")
+        work = ref.chunks(tokens, chunks, text_path)
+        n_chunks = len(work)
         for q in quants:
             runners.append(Runner(q, ctx, threads))
             _check_same_tokenizer(ref, runners[-1], tokens, text)
         first = ctx // 2
         nll_b, per = [], [([], [], []) for _ in quants]
         started = time.perf_counter()
-        for c in range(n_chunks):
-            chunk = ref.chunk(tokens[c * ctx:(c + 1) * ctx])
+        for c, chunk in enumerate(work):
             targets = np.array(chunk[first + 1:])
             base_logits = ref.logits(chunk, first).copy()  # the next decode of ref reuses its buffer
             fb = divergence.softmax_facts(base_logits, targets)

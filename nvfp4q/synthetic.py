@@ -45,17 +45,21 @@ def write(model: Path, n_chunks: int, ctx: int, threads: int, seed: int = 0,
     try:
         rng = np.random.default_rng(seed)
         first = starts(runner)
+
+        def start() -> int:
+            return int(first[rng.integers(len(first))])
+
         head = [runner.llm.token_bos()] if runner.add_bos else []
         chunks: list[list[int]] = []
         while len(chunks) < n_chunks:
             m = min(SEQUENCES, n_chunks - len(chunks))
-            seqs = [head + [int(first[rng.integers(len(first))])] for _ in range(m)]
+            seqs = [head + [start()] for _ in range(m)]
             runner.clear()
             runner.submit([(tok, i, k, i == len(s) - 1) for k, s in enumerate(seqs) for i, tok in enumerate(s)])
             while True:
                 for s, tok in zip(seqs, draw(runner.outputs(m), rng.random(m))):
                     eog = runner.lib.llama_vocab_is_eog(runner.vocab, int(tok))
-                    s.append(int(first[rng.integers(len(first))]) if eog else int(tok))
+                    s.append(start() if eog else int(tok))
                 if len(seqs[0]) == ctx:
                     break
                 runner.submit([(s[-1], len(s) - 1, k, True) for k, s in enumerate(seqs)])
