@@ -108,6 +108,7 @@ def quantize(
     shrink: Annotated[float, typer.Option(min=0.0, max=1.0, help="With --calibration: the covariance's off-diagonal is multiplied by 1 - SHRINK (1: no error feedback between columns).")] = 0.5,
     scales: Annotated[str, typer.Option(help="Sub-block scale choice: 'search' (least imatrix-weighted error in the window), 'local' (with --calibration: least error through the sub-block's 16x16 block of the input covariance).")] = "search",
     error_feedback: Annotated[bool, typer.Option(help="With --calibration: push each column's rounding error onto the columns not yet quantized.")] = True,
+    passes: Annotated[int, typer.Option(min=0, max=100, help="With --calibration: passes of coordinate descent after the error feedback, each moving every weight to the grid value that most lowers the error through the covariance (0: the error feedback alone).")] = 3,
     rank: Annotated[int, typer.Option(min=0, max=1024, help="With --calibration: inputs wider than 32 x RANK, sketched ones, and the costliest others while the whole covariances would cost the model over 512 multiply-adds per weight feed their errors back through the diagonal plus RANK leading directions of their covariance, at a cost that grows with RANK, not with the width; 0: the whole covariance everywhere.")] = 64,
     allow_requantize: Annotated[bool, typer.Option(help="Accept already-quantized source tensors (quality suffers).")] = False,
     keep_split: Annotated[bool, typer.Option(help="One output part per input part (split input).")] = False,
@@ -167,7 +168,7 @@ def quantize(
     settings = Settings(
         search=search, weighting=weighting,
         imatrix=imatrix, imatrix_strict=imatrix_strict, calibration=calibration, damp=damp, shrink=shrink,
-        scales=scales, feedback=error_feedback, rank=rank,
+        scales=scales, feedback=error_feedback, rank=rank, passes=passes,
         include_weights=tuple(include_weights or ()), exclude_weights=tuple(exclude_weights or ()),
         allow_requantize=allow_requantize, overwrite=overwrite, keep_split=keep_split,
         split_max_tensors=split_max_tensors, split_max_size=max_size,

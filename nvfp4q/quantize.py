@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from nvfp4q import allocate, calibration, codecs, damage, global_scale, gguf_io, imatrix, kernels, rounding
+from nvfp4q import allocate, calibration, codecs, damage, descent, global_scale, gguf_io, imatrix, kernels, rounding
 from nvfp4q.errors import UserError
 from nvfp4q.plan import Options, Step, TensorInfo, file_type_of, make_plan
 
@@ -45,6 +45,7 @@ class Settings:
     scales: str = "search"  # one of SCALE_CHOICES
     feedback: bool = True  # with a calibration: error feedback through its covariance
     rank: int = rounding.RANK  # of the low-rank covariances (rounding.low_rank_inputs says whose)
+    passes: int = descent.PASSES  # of coordinate descent after the error feedback
     include_weights: tuple[str, ...] = ()
     exclude_weights: tuple[str, ...] = ()
     allow_requantize: bool = False
@@ -261,7 +262,8 @@ def _encode(step: Step, rows: np.ndarray, mult: np.float32, importance: np.ndarr
             fed: tuple | None, out: np.ndarray) -> None:
     """Source rows times mult in the step's type, into out (their rows of the output)."""
     if fed is not None:
-        rounding.quantize_nvfp4(rows, fed[0], importance, s.search, _mode(s), fed[1], s.feedback, fed[2], mult, out)
+        rounding.quantize_nvfp4(rows, fed[0], importance, s.search, _mode(s), fed[1], s.feedback, fed[2], mult, out,
+                                fed[3], s.passes)
     else:
         codecs.encode(step.type, rows, importance, s.search, _mode(s), mult, out)
 
@@ -294,8 +296,9 @@ def _importance(values: np.ndarray, s: Settings) -> np.ndarray:
 
 
 def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
-    """(U, local H blocks or None, low-rank terms or None) for a tensor with calibrated moments,
-    made once per input (q/k/v and gate/up share it); without error feedback U is the identity.
+    """(U, local H blocks or None, low-rank terms or None, the whole H or None) for a tensor with
+    calibrated moments, made once per input (q/k/v and gate/up share it); without error feedback U
+    is the identity.
     Which inputs take the low-rank path is decided for the whole model (rounding.low_rank_inputs)."""
     if job.calib is None or step.type != T.NVFP4:
         return None
@@ -305,18 +308,19 @@ def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
     if src not in job.rounding_of:
         m = job.calib.moments[src]
         try:
-            low = None
+            low = h = None
             if not s.feedback:
                 u = rounding.identity(m.width)
             elif src in job.low_rank:
                 u, *low = rounding.low_rank(m, s.rank, s.damp, s.shrink)
             else:
-                u = rounding.factor(m, s.damp, s.shrink)
+                h = rounding.covariance(m, s.damp, s.shrink)
+                u = rounding.inverse_factor(h)
         except ValueError as e:
             raise UserError(f"{job.calib.path}: {src}: {e}") from None
         if len(job.rounding_of) >= ROUNDING_CACHE:  # tensors come sorted by name, a layer's inputs interleave
             del job.rounding_of[next(iter(job.rounding_of))]
-        job.rounding_of[src] = (u, rounding.local_blocks(m) if s.scales == "local" else None, low)
+        job.rounding_of[src] = (u, rounding.local_blocks(m) if s.scales == "local" else None, low, h)
     return job.rounding_of[src]
 
 

@@ -19,6 +19,7 @@ H ~ Delta + V V^T, whose feedback is exact for that H and costs about 2 * rank p
 import numpy as np
 from numba import njit, prange
 
+from nvfp4q import descent
 from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.kernels import (EXACT_RATIO, KVALUES, LANES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES,
                             _cols, _load, _nearest, _nibble_value, _output, _row_weights, _source, _tabulate,
@@ -70,27 +71,39 @@ def low_rank_inputs(inputs: dict[str, tuple[Moments | Sketch, int]], rank: int, 
     return low
 
 
-def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray:
-    """float32 [n_blocks, band, band]: per diagonal block, the upper triangular U with
-    U^T U = H^-1, H = X^T X / count with its off-diagonal times 1 - shrink and damp * mean(diag)
-    added to the diagonal, in float32 as GPTQ does (float64 measured 5x slower for a relative
-    difference of 3e-7 in U).
-
-    For J the reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J): U is L^-1 reversed.
-    A column whose input was always zero (and the padding of the last block) gets its diagonal
-    set to 1: its row of H is zero, so it stays apart and moves nothing.
-    """
+def covariance(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray:
+    """float32 [n_blocks, band, band]: per diagonal block, the H that the rounding minimises the
+    error through, X^T X / count with its off-diagonal times 1 - shrink and damp * mean(diag)
+    added to the diagonal. A column whose input was always zero (and the padding of the last
+    block) gets its diagonal set to 1: its row of H is zero, so it stays apart and moves nothing."""
     n_blocks, band = m.blocks.shape[0], m.blocks.shape[1]
-    u = np.empty(m.blocks.shape, np.float32)
-    with np.errstate(all="ignore"):  # a damaged file's overflow is refused below, not warned about
+    h = np.empty(m.blocks.shape, np.float32)
+    with np.errstate(all="ignore"):  # a damaged file's overflow is refused by factor(), not warned about
         lam = _damping(m, damp)
         for b in range(n_blocks):
-            h = m.blocks[b] * np.float32((1.0 - shrink) / m.count)
+            h[b] = m.blocks[b] * np.float32((1.0 - shrink) / m.count)
             d = np.diagonal(m.blocks[b]).astype(np.float64) / m.count
             cols = np.arange(b * band, (b + 1) * band)
             d[(cols >= m.width) | (d <= 0)] = 1.0
-            np.fill_diagonal(h, d + lam)
-            u[b] = _cholesky_inverse(np.ascontiguousarray(h[::-1, ::-1]))[::-1, ::-1]
+            np.fill_diagonal(h[b], d + lam)
+    return h
+
+
+def factor(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray:
+    """float32 [n_blocks, band, band]: inverse_factor() of covariance()."""
+    return inverse_factor(covariance(m, damp, shrink))
+
+
+def inverse_factor(h: np.ndarray) -> np.ndarray:
+    """Per diagonal block of H, the upper triangular U with U^T U = H^-1, in float32 as GPTQ does
+    (float64 measured 5x slower for a relative difference of 3e-7 in U).
+
+    For J the reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J): U is L^-1 reversed.
+    """
+    u = np.empty(h.shape, np.float32)
+    with np.errstate(all="ignore"):
+        for b in range(h.shape[0]):
+            u[b] = _cholesky_inverse(np.ascontiguousarray(h[b, ::-1, ::-1]))[::-1, ::-1]
             if not np.all(np.isfinite(u[b])):
                 raise ValueError(NOT_DEFINITE)
     return u
@@ -440,13 +453,14 @@ def _push(eb, acc, g, o):
 
 
 def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feedback=True, low=None, mult=1.0,
-                   out=None):
+                   out=None, h=None, passes=0):
     """Source rows [rows, cols] (float32, float16 or bfloat16 bits, as kernels.quantize_nvfp4's)
     times mult -> NVFP4 blocks as kernels.quantize_nvfp4, rounded with error feedback through u
     (factor()) unless not feedback, or through low = (V / Delta, G) with low_rank()'s u; the
-    scales chosen on hloc (local_blocks()) when given, else by the search; written into out when
-    given (every byte); the bytes do not depend on the thread count (rows are independent, each in
-    a fixed order)."""
+    scales chosen on hloc (local_blocks()) when given, else by the search; then `passes` of
+    descent.py through h (covariance(): u's H) when given; written into out when given (every
+    byte); the bytes do not depend on the thread count (rows are independent, each in a fixed
+    order)."""
     s32, s16, kind = _source(x)
     rows, cols = x.shape
     if cols % NVFP4_BLOCK:
@@ -460,4 +474,6 @@ def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feed
     vd, g = (none, none) if low is None else (np.ascontiguousarray(a, np.float32) for a in low)
     _encode_gptq(s32, s16, kind, np.float32(mult), np.ascontiguousarray(u, np.float32), vd, g, imp, search, weighting,
                  hl, feedback, out)
+    if feedback and h is not None:
+        descent.descend(x, mult, out, h, passes)
     return out

@@ -145,3 +145,38 @@ def sub_block_errors(x, blocks, w) -> np.ndarray:
     q = KV[nib].astype(np.float64) * d[:, None]
     diff = np.asarray(x, np.float64).reshape(-1, 16) - q
     return (np.asarray(w, np.float64).reshape(-1, 16) * diff * diff).sum(axis=1)
+
+
+
+def descend(w, blocks, h, passes=3) -> np.ndarray:
+    """Coordinate descent the plain way (nvfp4q/descent.py): row by row, pass by pass, column by
+    column, each element's 16 values scanned for the one nearest the coordinate's minimum, g
+    updated by a whole row of H per move. The first gradients are the same BLAS product as the
+    kernel's (another summing order would flip rare ties, not test anything)."""
+    w = np.asarray(w, np.float32)
+    blocks = blocks.copy()
+    rows, cols = w.shape
+    b = blocks.reshape(rows, -1, 36)
+    d = np.repeat(SCALES[b[:, :, :4]].reshape(rows, -1), 16, axis=1)
+    qs = b[:, :, 4:].reshape(rows, -1, 4, 8)
+    nib = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(rows, cols).astype(np.int64)
+    q = KV[nib] * d
+    band = h.shape[1]
+    for b0 in range(0, cols, band):
+        n = min(band, cols - b0)
+        hb = h[b0 // band, :n, :n]
+        g, diag = (q - w)[:, b0:b0 + n] @ hb, np.diagonal(hb)
+        for r in range(rows):
+            for _ in range(passes):
+                for c in range(n):
+                    j = b0 + c
+                    if not d[r, j] > 0:
+                        continue
+                    k = int(nearest(np.array([[q[r, j] - g[r, c] / diag[c]]], np.float32), d[r, j:j + 1])[0, 0])
+                    delta = KV[k] * d[r, j] - q[r, j]
+                    if delta * (np.float32(2) * g[r, c] + delta * diag[c]) < 0:
+                        q[r, j], nib[r, j] = KV[k] * d[r, j], k
+                        g[r] = g[r] + delta * hb[c]
+    packed = (nib.reshape(rows, -1, 4, 16)[..., :8] | (nib.reshape(rows, -1, 4, 16)[..., 8:] << 4)).astype(np.uint8)
+    b[:, :, 4:] = packed.reshape(rows, -1, 32)
+    return blocks

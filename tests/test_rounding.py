@@ -222,14 +222,19 @@ from nvfp4q.calibration import Sketch
 x = correlated(np.random.default_rng(5), 3000, 1536)
 m = moments(x)
 s = Sketch(1536, 3000.0, np.ascontiguousarray(x[:256].T), np.square(x).sum(axis=0))
+w = (np.random.default_rng(6).standard_normal((256, 1536)) * 0.05).astype(np.float32)
+h = rounding.covariance(m)
+descended = rounding.quantize_nvfp4(w, rounding.inverse_factor(h), m.diagonal() / np.float32(m.count), 12, h=h,
+                                    passes=3)
 print(*(hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
-        for arrays in ([rounding.factor(m)], rounding.low_rank(m), rounding.low_rank(s))))
+        for arrays in ([rounding.factor(m)], rounding.low_rank(m), rounding.low_rank(s), [descended])))
 """
 
 
 def test_factor_bits_do_not_depend_on_openblas_threads():
     """quantize lets OpenBLAS use the run's threads: a factor (whole, low-rank, or low-rank from a
-    sketch) wide enough for them to split its products must come out the same bits as on one."""
+    sketch) wide enough for them to split its products, and a rounding that ends in descent's
+    first gradients (BLAS products too), must come out the same bits as on one."""
     here = Path(__file__).parent
     hashes = set()
     for n in (1, 2, 3):
