@@ -5,7 +5,7 @@ import pytest
 
 import reference
 from nvfp4q import descent, kernels, rounding
-from test_rounding import correlated, moments, weighted_error
+from test_rounding import correlated, moments, random_cases, weighted_error
 
 
 def fed_back(w, m, imp, passes=0, low_rank=0):
@@ -55,14 +55,8 @@ def test_low_rank_inputs_are_left_as_the_feedback_leaves_them():
 
 
 def test_the_error_through_the_covariance_falls_on_every_case():
-    for seed in range(12):
-        rng = np.random.default_rng(200 + seed)
-        width = int(rng.choice([128, 256]))
-        x = correlated(rng, 3000, width, mix=float(rng.uniform(0.2, 0.8)))
-        m = moments(x)
+    for seed, m, w, imp in random_cases(200):
         h = rounding.covariance(m)[0].astype(np.float64)
-        w = (rng.standard_normal((32, width)) * rng.uniform(0.005, 0.1)).astype(np.float32)
-        imp = m.diagonal() / np.float32(m.count)
         errors = [weighted_error(w, fed_back(w, m, imp, p), h) for p in (0, 1, 3)]
         assert errors[0] > errors[1] >= errors[2], (seed, errors)
 

@@ -90,15 +90,19 @@ def test_diagonal_covariance_gives_the_search_bytes():
                               kernels.quantize_nvfp4(w, imp_full, search))
 
 
-def test_error_through_the_covariance_is_lower_than_the_search_on_every_case():
-    for seed in range(12):
-        rng = np.random.default_rng(100 + seed)
+def random_cases(first_seed: int):
+    """12 (seed, moments, rows, imatrix) of random widths, correlations and weight scales."""
+    for seed in range(first_seed, first_seed + 12):
+        rng = np.random.default_rng(seed)
         width = int(rng.choice([128, 256]))
-        x = correlated(rng, 3000, width, mix=float(rng.uniform(0.2, 0.8)))
-        m = moments(x)
-        h = m.blocks[0].astype(np.float64) / m.count
+        m = moments(correlated(rng, 3000, width, mix=float(rng.uniform(0.2, 0.8))))
         w = (rng.standard_normal((32, width)) * rng.uniform(0.005, 0.1)).astype(np.float32)
-        imp = m.diagonal() / np.float32(m.count)
+        yield seed, m, w, m.diagonal() / np.float32(m.count)
+
+
+def test_error_through_the_covariance_is_lower_than_the_search_on_every_case():
+    for seed, m, w, imp in random_cases(100):
+        h = m.blocks[0].astype(np.float64) / m.count
         nearest = weighted_error(w, kernels.quantize_nvfp4(w), h)
         searched = weighted_error(w, kernels.quantize_nvfp4(w, imp, 12), h)
         fed_back = weighted_error(w, rounding.quantize_nvfp4(w, rounding.factor(m, shrink=0.0), imp, 12), h)
