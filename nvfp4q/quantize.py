@@ -377,6 +377,7 @@ def add_metadata(w: gguf_io.Writer, job: Job, s: Settings) -> None:
         g.add_string("nvfp4q.calibration.scales", s.scales)
         g.add_bool("nvfp4q.calibration.feedback", s.feedback)
         g.add_uint32("nvfp4q.calibration.rank", s.rank)
+        g.add_uint32("nvfp4q.calibration.passes", s.passes)
         g.add_uint32("nvfp4q.calibration.tensors", sum(1 for st in job.plan if st.type == T.NVFP4
                                                        and st.tensor.name in job.calib.sources))
     if job.allocation is not None:

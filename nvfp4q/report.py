@@ -69,7 +69,7 @@ def _options(opts: Options, s: Settings) -> dict:
         "imatrix": None if s.imatrix is None else str(s.imatrix), "imatrix_strict": s.imatrix_strict,
         "calibration": None if s.calibration is None else {
             "path": str(s.calibration), "shrink": s.shrink, "damp": s.damp, "scales": s.scales,
-            "error_feedback": s.feedback, "rank": s.rank},
+            "error_feedback": s.feedback, "rank": s.rank, "passes": s.passes},
         "include_weights": list(s.include_weights), "exclude_weights": list(s.exclude_weights),
         "pure": opts.pure, "leave_output_tensor": opts.leave_output_tensor,
         "tensor_types": [{"pattern": p, "type": t.name} for p, t in opts.tensor_types],

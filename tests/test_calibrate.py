@@ -181,10 +181,11 @@ def test_quantize_with_calibration_runs_in_llama_cpp_and_lowers_the_output_error
     assert lower == nvfp4 > 0
     meta = GGUFReader(fed).get_field("nvfp4q.calibration.tensors")
     assert meta is not None and meta.contents() > 0
+    assert GGUFReader(fed).get_field("nvfp4q.calibration.passes").contents() == 3
     doc = json.loads(run_cli("quantize", src, tmp_path / "dry.gguf", "--calibration", cal_path, "--shrink", 0.3,
-                             "--dry-run", "--json", check=True).stdout)
+                             "--passes", 1, "--dry-run", "--json", check=True).stdout)
     assert doc["options"]["calibration"] == {"path": str(cal_path), "shrink": 0.3, "damp": 0.01, "scales": "search",
-                                             "error_feedback": True, "rank": 64}
+                                             "error_feedback": True, "rank": 64, "passes": 1}
     assert {t["feedback"] for t in doc["tensors"] if t["to"] == "NVFP4"} == {"whole"}
     assert {t["feedback"] for t in doc["tensors"] if t["to"] != "NVFP4"} == {None}
 
