@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from nvfp4q.kernels import (KVALUES, MAGS, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _decode_nvfp4, _load, _nearest,
-                            _source)
+                            _nibble, _source)
 
 
 def _gaps() -> tuple[np.ndarray, np.ndarray]:
@@ -76,21 +76,17 @@ def _move(qj, gj, hjj, d):
 
 
 @njit(cache=True, inline="always")
-def _byte(j):
-    """Where element j's nibble is in a row of blocks (columns k and k + 8 of a sub-block share a byte)."""
-    return j // NVFP4_BLOCK * NVFP4_BYTES + 4 + j % NVFP4_BLOCK // NVFP4_SUB * 8 + j % 8
-
-
-@njit(cache=True, inline="always")
-def _nibble(out, r, j):
-    b = np.int64(out[r, _byte(j)])
-    return b & 0x0F if j % NVFP4_SUB < 8 else b >> 4
+def _place(j):
+    """(byte of its block, its sub-block, its index there) of element j of a row of blocks."""
+    return j // NVFP4_BLOCK * NVFP4_BYTES, j % NVFP4_BLOCK // NVFP4_SUB, j % NVFP4_SUB
 
 
 @njit(cache=True, inline="always")
 def _store(out, r, j, k):
-    o = _byte(j)
-    if j % NVFP4_SUB < 8:
+    """Nibble k as element j's (kernels._nibble's place)."""
+    ib, s, i = _place(j)
+    o = ib + 4 + s * 8 + (i & 7)
+    if i < 8:
         out[r, o] = (out[r, o] & 0xF0) | k
     else:
         out[r, o] = (out[r, o] & 0x0F) | (k << 4)
@@ -98,7 +94,8 @@ def _store(out, r, j, k):
 
 @njit(cache=True, inline="always")
 def _scale(out, r, j):
-    return SCALES[out[r, j // NVFP4_BLOCK * NVFP4_BYTES + j % NVFP4_BLOCK // NVFP4_SUB]]
+    ib, s, _ = _place(j)
+    return SCALES[out[r, ib + s]]
 
 
 @njit(cache=True, inline="always")
@@ -117,7 +114,8 @@ def _limits(out, r, j, d, hjj, up, down, c):
     g_j > gap d H_jj / 2, and the values further on are further still. Exact in float32: gap / 2
     is a power of two. Infinite where d = 0 (a sub-block of zeros), where nothing moves."""
     if d > np.float32(0.0):
-        k = _nibble(out, r, j)
+        ib, s, i = _place(j)
+        k = _nibble(out, r, ib, s, i)
         up[c] = np.float32(0.5) * GAP_UP[k] * d * hjj
         down[c] = np.float32(0.5) * GAP_DOWN[k] * d * hjj
     else:

@@ -437,11 +437,17 @@ def quantize_nvfp4(x, importance=None, search=0, weighting=WEIGHT_RAW, mult=1.0,
 
 
 @njit(cache=True, inline="always")
-def _value(blocks, r, ib, s, j, d):
-    """Element j (0..15) of sub-block s of the block at byte ib of row r, at scale d: byte j % 8
-    of the sub-block's eight, low nibble for j < 8, high nibble for the rest."""
+def _nibble(blocks, r, ib, s, j):
+    """Nibble of element j (0..15) of sub-block s of the block at byte ib of row r: byte j % 8 of
+    the sub-block's eight, low nibble for j < 8, high nibble for the rest."""
     q = np.int64(blocks[r, ib + 4 + s * 8 + (j & 7)])
-    return KVALUES[(q >> (4 * (j >> 3))) & 15] * d
+    return (q >> (4 * (j >> 3))) & 15
+
+
+@njit(cache=True, inline="always")
+def _value(blocks, r, ib, s, j, d):
+    """Element j (0..15) of sub-block s of the block at byte ib of row r, at scale d."""
+    return KVALUES[_nibble(blocks, r, ib, s, j)] * d
 
 
 @njit(cache=True, nogil=True)

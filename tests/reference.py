@@ -136,16 +136,20 @@ def quantize_nvfp4(x, importance=None, search=0, ggml_style=False) -> np.ndarray
     return blocks.reshape(rows, cols // 64 * 36)
 
 
+def nibbles_and_scales(blocks) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of NVFP4 blocks, in order (flat): its nibble and its sub-block's scale."""
+    b = blocks.reshape(-1, 36)
+    qs = b[:, 4:].reshape(-1, 8)
+    nib = np.concatenate([qs & 15, qs >> 4], axis=1).reshape(-1).astype(np.int64)
+    return nib, np.repeat(SCALES[b[:, :4]].reshape(-1), 16)
+
+
 def sub_block_errors(x, blocks, w) -> np.ndarray:
     """Weighted squared error per 16-sub-block of NVFP4 blocks against x (float64)."""
-    b = blocks.reshape(-1, 36)
-    d = SCALES[b[:, :4]].reshape(-1)
-    qs = b[:, 4:].reshape(-1, 8)
-    nib = np.concatenate([qs & 15, qs >> 4], axis=1)
-    q = KV[nib].astype(np.float64) * d[:, None]
+    nib, d = nibbles_and_scales(blocks)
+    q = (KV[nib].astype(np.float64) * d).reshape(-1, 16)
     diff = np.asarray(x, np.float64).reshape(-1, 16) - q
     return (np.asarray(w, np.float64).reshape(-1, 16) * diff * diff).sum(axis=1)
-
 
 
 def descend(w, blocks, h, passes=3) -> np.ndarray:
@@ -157,9 +161,7 @@ def descend(w, blocks, h, passes=3) -> np.ndarray:
     blocks = blocks.copy()
     rows, cols = w.shape
     b = blocks.reshape(rows, -1, 36)
-    d = np.repeat(SCALES[b[:, :, :4]].reshape(rows, -1), 16, axis=1)
-    qs = b[:, :, 4:].reshape(rows, -1, 4, 8)
-    nib = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(rows, cols).astype(np.int64)
+    nib, d = (a.reshape(rows, cols) for a in nibbles_and_scales(blocks))
     q = KV[nib] * d
     band = h.shape[1]
     for b0 in range(0, cols, band):
