@@ -432,7 +432,14 @@ def _pull(wb, acc, vd, o, pull):
         acc[:] = np.float32(0.0)
         return
     pull[:] = np.float32(0.0)
-    for a in range(acc.shape[0]):
+    rank = acc.shape[0]
+    for a in range(0, rank - rank % 4, 4):  # four terms per pass over pull, each still added in rank order
+        for c in range(NVFP4_BLOCK):
+            v0, v1, v2, v3 = vd[o + c, a], vd[o + c, a + 1], vd[o + c, a + 2], vd[o + c, a + 3]
+            for i in range(TILE):
+                pull[c, i] = (((pull[c, i] + v0 * acc[a, i]) + v1 * acc[a + 1, i]) + v2 * acc[a + 2, i]) \
+                    + v3 * acc[a + 3, i]
+    for a in range(rank - rank % 4, rank):
         for c in range(NVFP4_BLOCK):
             va = vd[o + c, a]
             for i in range(TILE):
@@ -444,12 +451,12 @@ def _pull(wb, acc, vd, o, pull):
 
 @njit(cache=True, inline="always")
 def _push(eb, acc, g, o):
-    """The block's errors (eb, transposed) into acc, in column order."""
-    for c in range(NVFP4_BLOCK):
+    """The block's errors (eb, transposed) into acc, in column order (four per pass over acc)."""
+    for c in range(0, NVFP4_BLOCK, 4):
         for a in range(acc.shape[0]):
-            ga = g[o + c, a]
+            g0, g1, g2, g3 = g[o + c, a], g[o + c + 1, a], g[o + c + 2, a], g[o + c + 3, a]
             for i in range(TILE):
-                acc[a, i] += eb[c, i] * ga
+                acc[a, i] = (((acc[a, i] + eb[c, i] * g0) + eb[c + 1, i] * g1) + eb[c + 2, i] * g2) + eb[c + 3, i] * g3
 
 
 def quantize_nvfp4(x, u, importance=None, search=0, weighting=0, hloc=None, feedback=True, low=None, mult=1.0,
