@@ -129,11 +129,10 @@ def quantize(
     # 7.0-7.6 s, two that sleep 6.6-7.4 s; the same bytes)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads or os.cpu_count() or 1))
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles, OpenBLAS's shortest
-    if calibration is not None:
-        # and the other way round: Numba's OpenMP threads spin on after each kernel, beside the next
-        # products (SmolLM2, medians of 4: 8.0 s, sleeping at once 6.9 s). Not without --calibration,
-        # whose kernels come back to back with few products between (2.6 s, 2.9 s if they sleep)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # and the other way round: the --calibration kernels' OpenMP threads spun on after each one,
+    # beside the products that come next (SmolLM2, medians of 4: 8.0 s, sleeping at once 6.9 s);
+    # the default's kernels run on a pool of Python threads (docs/kernels.md), untouched
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from nvfp4q import report
     from nvfp4q.global_scale import MODES
     from nvfp4q.plan import FLOAT_SOURCES, Options, parse_tensor_type
