@@ -123,13 +123,15 @@ def test_dead_inputs_and_a_zero_count_block_do_not_break_the_factor():
 
 
 @pytest.mark.parametrize("band", [None, 128])
-def test_low_rank_kernel_equals_the_plain_definition(band):
+@pytest.mark.parametrize("rank", [8, 6])  # the kernel sums four ranks at a time, and the rest one by one
+def test_low_rank_kernel_equals_the_plain_definition(band, rank):
     rng = np.random.default_rng(7 + (band or 0))
     x = correlated(rng, 800, 256)
     w = (rng.standard_normal((5, 256)) * 0.05).astype(np.float32)
     w[0, 100:140] = 0.0
     m = moments(x, band)
-    u, vd, g = rounding.low_rank(m, 8)
+    u, vd, g = rounding.low_rank(m, rank)
+    assert vd.shape[2] == rank
     imp = m.diagonal() / np.float32(m.count)
     got = rounding.quantize_nvfp4(w, u, imp, 12, low=(vd, g))
     assert np.array_equal(got, reference.gptq_nvfp4(w, u, imp, 12, low=(vd, g)))
