@@ -25,6 +25,26 @@ def test_draw_follows_the_probabilities():
     assert list(synthetic.draw(logits[:2], np.array([0.0, 1 - 1e-12]))) == [0, 2]
 
 
+def test_draw_equals_the_inverse_cdf_by_its_definition():
+    """The kernel against the sampling written out in NumPy: the CDF's cumulative sum and the
+    count of its entries not above u times the total; ties, -inf logits (never drawn, even at
+    u = 0) and a 262k vocabulary."""
+    def plain(logits, u):
+        p = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+        cdf = np.cumsum(p, axis=1)
+        return np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), logits.shape[1] - 1)
+
+    rng = np.random.default_rng(11)
+    for vocab, spread in ((5, 1.0), (49152, 4.0), (262144, 8.0)):
+        logits = np.repeat(rng.standard_normal((32, vocab // 2 + 1)) * spread, 2, axis=1)[:, :vocab]
+        logits = logits.astype(np.float32)  # in equal pairs: ties in p
+        logits[:4, :vocab // 2] = -np.inf  # masked tokens are never drawn
+        u = rng.random(32)
+        u[:2] = (0.0, 1 - 1e-12)
+        got = synthetic.draw(logits, u)
+        assert np.array_equal(got, plain(logits, u)) and np.all(got[:4] >= vocab // 2)
+
+
 def test_chunks_are_samples_of_the_model_at_temperature_one(model):
     chunks = synthetic.write(model, 40, CTX, 2, seed=0)
     runner = evaluation.Runner(model, CTX, 2)
