@@ -56,8 +56,8 @@ def _shift(logits, p):
 @njit(cache=True)
 def _invert(p, u, picks):
     """Per row, the CDF (p summed in token order, in place) and the first token whose CDF exceeds
-    u times the total (so that u = 0 never draws a token of probability 0). One thread: llama.cpp's threads are still polling when the logits come
-    back, and measured no faster with two."""
+    u times the total (so that u = 0 never draws a token of probability 0). One thread:
+    llama.cpp's threads are still polling when the logits come back, and two were no faster."""
     n = p.shape[1]
     for r in range(p.shape[0]):
         for j in range(1, n):
