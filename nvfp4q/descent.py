@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from nvfp4q.kernels import (KVALUES, MAGS, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _decode_nvfp4, _load, _nearest,
-                            _nibble, _source)
+                            _source)
 
 
 def _gaps() -> tuple[np.ndarray, np.ndarray]:
@@ -93,29 +93,29 @@ def _store(out, r, j, k):
 
 
 @njit(cache=True, inline="always")
-def _scale(out, r, j):
-    ib, s, _ = _place(j)
-    return SCALES[out[r, ib + s]]
-
-
-@njit(cache=True, inline="always")
 def _thresholds(out, r, b0, hd, d, up, down):
-    """Per element of row r from column b0: its scale d, and up / down, what -g_j / g_j must reach
-    for a move up / down to lower the error (_limits)."""
-    for c in range(d.shape[0]):
-        d[c] = _scale(out, r, b0 + c)
-        _limits(out, r, b0 + c, d[c], hd[c], up, down, c)
+    """Per element of row r from column b0 (a block's first): its scale d, and up / down, what
+    -g_j / g_j must reach for a move up / down to lower the error (_limits). Read block by block:
+    each sub-block's scale once, each byte's two nibbles (kernels._nibble's places)."""
+    for c0 in range(0, d.shape[0], NVFP4_BLOCK):
+        ib = (b0 + c0) // NVFP4_BLOCK * NVFP4_BYTES
+        for s in range(NVFP4_BLOCK // NVFP4_SUB):
+            ds = SCALES[out[r, ib + s]]
+            c = c0 + s * NVFP4_SUB
+            for i in range(NVFP4_SUB // 2):
+                q = out[r, ib + 4 + s * 8 + i]
+                d[c + i] = d[c + i + 8] = ds
+                _limits(q & 15, ds, hd[c + i], up, down, c + i)
+                _limits(q >> 4, ds, hd[c + i + 8], up, down, c + i + 8)
 
 
 @njit(cache=True, inline="always")
-def _limits(out, r, j, d, hjj, up, down, c):
-    """A move of element j by delta changes the error by delta (2 g_j + delta H_jj): to the next
-    value up (delta = gap d) it is lower only if -g_j > gap d H_jj / 2, down only if
+def _limits(k, d, hjj, up, down, c):
+    """A move of an element with nibble k by delta changes the error by delta (2 g_j + delta H_jj):
+    to the next value up (delta = gap d) it is lower only if -g_j > gap d H_jj / 2, down only if
     g_j > gap d H_jj / 2, and the values further on are further still. Exact in float32: gap / 2
     is a power of two. Infinite where d = 0 (a sub-block of zeros), where nothing moves."""
     if d > np.float32(0.0):
-        ib, s, i = _place(j)
-        k = _nibble(out, r, ib, s, i)
         up[c] = np.float32(0.5) * GAP_UP[k] * d * hjj
         down[c] = np.float32(0.5) * GAP_DOWN[k] * d * hjj
     else:
@@ -149,7 +149,7 @@ def _descend(q, g, h, diag, out, passes):
                     if delta != np.float32(0.0):
                         q[r, b0 + c] = KVALUES[k] * d[c]
                         _store(out, r, b0 + c, k)
-                        _limits(out, r, b0 + c, d[c], hd[c], up, down, c)
+                        _limits(k, d[c], hd[c], up, down, c)
                         for m in range(n):
                             gr[m] += delta * hb[c, m]
                         moved = True

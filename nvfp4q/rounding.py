@@ -265,13 +265,14 @@ def _generators(v, delta):
     g = np.empty((n, k), np.float32)
     pv = np.empty(k)
     for j in range(n - 1, -1, -1):
+        pv[:] = 0.0
+        for b in range(k):  # p stays symmetric bit for bit: its row b is its column b, and each pv[a]
+            vb = v[j, b]  # still sums over b in order (along a, the sums vectorize)
+            for a in range(k):
+                pv[a] += p[b, a] * vb
         den = delta[j]
         for a in range(k):
-            t = 0.0
-            for b in range(k):
-                t += p[a, b] * v[j, b]
-            pv[a] = t
-            den += v[j, a] * t
+            den += v[j, a] * pv[a]
         for a in range(k):
             g[j, a] = pv[a]
             for b in range(k):

@@ -53,6 +53,10 @@ POST_NORMS = frozenset({"gemma3"})
 PRESETS = {
     # tensor shapes of Llama 3.2 1B (about 2.5 GB in f16)
     "llama-1b": Shape("llama", 2048, 16, 8192, 128256, 32, 8, 64),
+    # tensor shapes of Qwen2.5 0.5B and Gemma 3 1B, for architectures the development models lack
+    "qwen2-0.5b": Shape("qwen2", 896, 24, 4864, 151936, 14, 2, 64, norm_eps=1e-6,
+                        biases=("attn_q", "attn_k", "attn_v")),
+    "gemma3-1b": Shape("gemma3", 1152, 26, 6912, 262144, 4, 1, 256, norm_eps=1e-6, sliding_window=512),
     # Qwen3-MoE-like, about 8 GB in f16
     "qwen3moe-8g": Shape("qwen3moe", 2048, 12, 6144, 151936, 32, 4, 128, experts=64, experts_used=8,
                          expert_ff=768),
