@@ -22,6 +22,7 @@ import numpy as np
 from nvfp4q import calibration, evaluation, rounding, synthetic
 from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.errors import UserError
+from nvfp4q.matmul import matmul
 from nvfp4q.units import human_bytes
 
 MIN_ROWS = 16  # llama-imatrix skips smaller batches (its `ask` test)
@@ -190,7 +191,7 @@ class Collector:
             for b in range(m.blocks.shape[0]):
                 xb = x[1:, b * band:(b + 1) * band]
                 k = xb.shape[1]
-                m.blocks[b, :k, :k] += xb.T @ xb
+                m.blocks[b, :k, :k] += matmul(xb.T, xb)
         m.count += x.shape[0]
 
     def _experts(self, name: str, n_expert: int, x: np.ndarray, ids: np.ndarray) -> None:
@@ -226,7 +227,7 @@ class _Nystrom:
 
     def add(self, x: np.ndarray) -> None:
         xs = x * self.scale
-        self.y += xs.T @ (xs @ self.omega)
+        self.y += matmul(xs.T, matmul(xs, self.omega))
         self.diag += np.square(x, dtype=np.float64).sum(axis=0)
 
     def diagonal(self) -> np.ndarray:
@@ -334,10 +335,20 @@ def calibrate(model: Path, text_path: Path | None, out: Path, chunks: int | None
     diag |= {n: (d.sums.astype(np.float32), d.counts.astype(np.float32)) for n, d in collector.diag.items()}
     moments = {n: m.sketch() if isinstance(m, _Nystrom) else m for n, m in ms.items()}
     datasets = ([Path(text_path).name] if text_path else []) + ([f"{synthetic.DATASET}, seed {seed}"] if generate else [])
-    path = calibration.write(out, moments, collector.sources, diag, datasets, n_chunks, ctx, band)
+    path = calibration.write(out, moments, collector.sources, diag, datasets, n_chunks, ctx, band,
+                             _factor, (rounding.DAMP, rounding.SHRINK))
     return Summary(path, n_chunks, n_chunks * ctx, seconds, _bytes(collector), len(moments), len(diag),
                    [n for n, m in moments.items() if isinstance(m, Moments) and not m.whole],
                    [n for n, m in moments.items() if isinstance(m, Sketch)], len(written), generating)
+
+
+def _factor(m: Moments) -> np.ndarray:
+    """The rounding's U for quantize's default --damp and --shrink, stored so that quantize need not
+    make it (a third of `quantize --calibration`'s extra time on the development models)."""
+    try:
+        return rounding.factor(m)
+    except ValueError as e:
+        raise UserError(f"a covariance of the model's activations: {e}") from None
 
 
 @contextmanager

@@ -13,7 +13,8 @@ shape [size, width]: F with X^T X ~ F F^T off the diagonal) and `<weight>.diag` 
 diagonal). Expert tensors (MUL_MAT_ID) have the diagonal only, per expert.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,12 @@ from gguf import GGMLQuantizationType as T, GGUFValueType as V
 
 from nvfp4q import gguf_header, gguf_io, imatrix
 from nvfp4q.errors import UserError
+from nvfp4q.matmul import matmul
 
 XTX = ".xtx"
 SKETCH = ".sketch"
 DIAG = ".diag"
+FACTOR = ".u"  # the rounding's U of a Moments input, for the settings in KEY_FACTOR
 KEY_WEIGHTS = "nvfp4q.calibration.weights"
 KEY_SOURCES = "nvfp4q.calibration.sources"
 KEY_BAND = "nvfp4q.calibration.band"
@@ -32,6 +35,7 @@ KEY_BAND = "nvfp4q.calibration.band"
 # or for a sketch the share of the trace of the scaled X^T X outside it (Sketch)
 KEY_OFFBAND = "nvfp4q.calibration.offband_share"
 KEY_CTX = "nvfp4q.calibration.ctx"
+KEY_FACTOR = "nvfp4q.calibration.factor_settings"  # [damp, shrink] of the stored factors
 
 
 @dataclass
@@ -62,7 +66,7 @@ class Moments:
     def parts(self):
         """Per diagonal block: its diagonal (float64) and q -> block @ q."""
         for blk in self.blocks:
-            yield np.diagonal(blk).astype(np.float64), blk.__matmul__
+            yield np.diagonal(blk).astype(np.float64), lambda q, blk=blk: matmul(blk, q)
 
     def square(self, lo: int, hi: int) -> np.ndarray:
         """X^T X[lo:hi, lo:hi], inside one block."""
@@ -99,7 +103,7 @@ class Sketch:
     def parts(self):
         f = self.factor
         rest = np.maximum(self.diag - np.einsum("ij,ij->i", f, f), np.float32(0.0))[:, None]
-        yield self.diag.astype(np.float64), lambda q: f @ (f.T @ q) + rest * q
+        yield self.diag.astype(np.float64), lambda q: matmul(f, f.T @ q) + rest * q
 
     def square(self, lo: int, hi: int) -> np.ndarray:
         f = self.factor[lo:hi]
@@ -118,10 +122,16 @@ class Calibration:
     band: int
     sources: dict[str, str]  # weight -> the weight whose moments it uses
     moments: dict[str, Moments | Sketch]  # by source weight
+    factors: dict[str, np.ndarray] = field(default_factory=dict)  # by source weight, for factor_settings
+    factor_settings: tuple[float, float] | None = None  # (damp, shrink)
 
     def for_weight(self, name: str) -> Moments | Sketch | None:
         src = self.sources.get(name)
         return None if src is None else self.moments[src]
+
+    def stored_factor(self, src: str, damp: float, shrink: float) -> np.ndarray | None:
+        """The U that calibrate computed for src, if it was for these settings."""
+        return self.factors.get(src) if self.factor_settings == (damp, shrink) else None
 
 
 def load(path: Path) -> Calibration:
@@ -140,7 +150,7 @@ def load(path: Path) -> Calibration:
         raise UserError(f"{path}: {KEY_OFFBAND} does not have one value per source")
     tensors = {t.name: t for t in h.tensors}
     mm = gguf_io.map_file(path)
-    moments = {}
+    moments, factors = {}, {}
     for src, share in zip(distinct, offband.head):
         entry = imat.entries.get(src)
         if entry is None:
@@ -154,6 +164,11 @@ def load(path: Path) -> Calibration:
                 raise UserError(f"{path}: {t.name} of shape {list(t.shape)} does not cover {width} columns")
             blocks = _array(path, h, mm, t, (t.shape[2], t.shape[1], t.shape[0]))
             moments[src] = Moments(width, count, blocks, float(share))
+            if src + FACTOR in tensors:
+                u = tensors[src + FACTOR]
+                if list(u.shape) != list(t.shape):
+                    raise UserError(f"{path}: {u.name} of shape {list(u.shape)} is not {t.name}'s {list(t.shape)}")
+                factors[src] = _array(path, h, mm, u, blocks.shape)
         elif src + SKETCH in tensors and src + DIAG in tensors:
             t, td = tensors[src + SKETCH], tensors[src + DIAG]
             if len(t.shape) != 2 or t.shape[1] != width or list(td.shape) != [width]:
@@ -163,7 +178,11 @@ def load(path: Path) -> Calibration:
             moments[src] = Sketch(width, count, factor, _array(path, h, mm, td, (width,)), float(share))
         else:
             raise UserError(f"{path}: no {src}{XTX} (or {SKETCH} and {DIAG}) for its imatrix entry")
-    return Calibration(path, imat, band, dict(zip(weights, sources)), moments)
+    settings = h.get(KEY_FACTOR)
+    if factors and not (isinstance(settings, gguf_header.Array) and settings.complete and len(settings.head) == 2):
+        raise UserError(f"{path}: stored factors without {KEY_FACTOR} = [damp, shrink]")
+    return Calibration(path, imat, band, dict(zip(weights, sources)), moments, factors,
+                       tuple(map(float, settings.head)) if factors else None)
 
 
 def _array(path: Path, h: gguf_header.Header, mm, t, shape: tuple) -> np.ndarray:
@@ -195,8 +214,11 @@ def _counts(path: Path, h: gguf_header.Header, tensors: dict, src: str) -> float
 
 
 def write(out: Path, moments: dict[str, Moments | Sketch], sources: dict[str, str], diag: dict[str, tuple],
-          datasets: list[str], chunks: int, ctx: int, band: int) -> Path:
-    """diag: weight -> (in_sum2 [n_mat, width], counts [n_mat]) for every weight seen, experts too."""
+          datasets: list[str], chunks: int, ctx: int, band: int,
+          factor: Callable[[Moments], np.ndarray] | None = None, settings: tuple[float, float] = (0.0, 0.0)) -> Path:
+    """diag: weight -> (in_sum2 [n_mat, width], counts [n_mat]) for every weight seen, experts too.
+    factor: with it, each Moments input's U for settings (damp, shrink) is stored too, made as it is
+    written (one at a time in memory), so that quantize need not make it again."""
     w = gguf_io.Writer(out, "", gguf_header.DEFAULT_ALIGNMENT)
     g = w.gguf
     g.kv_data[0].pop("general.architecture", None)  # an imatrix has none
@@ -210,17 +232,21 @@ def write(out: Path, moments: dict[str, Moments | Sketch], sources: dict[str, st
         g.add_array(KEY_WEIGHTS, list(sources))
         g.add_array(KEY_SOURCES, list(sources.values()))
         g.add_array(KEY_OFFBAND, [float(moments[s].offband) for s in dict.fromkeys(sources.values())])
-        data = []
+        data = []  # (name, shape, the array or what makes it)
         for name, (sums, counts) in diag.items():
-            data += [(name + imatrix.SUM2, sums), (name + imatrix.COUNTS, counts.reshape(-1, 1))]
+            data += [(name + imatrix.SUM2, sums.shape, sums), (name + imatrix.COUNTS, (counts.size, 1), counts)]
         for src in dict.fromkeys(sources.values()):
-            data += moments[src].tensors(src)
-        data = [(name, np.ascontiguousarray(arr, np.float32)) for name, arr in data]
-        for name, arr in data:
-            w.add_tensor_info(name, tuple(reversed(arr.shape)), T.F32, arr.nbytes)
+            m = moments[src]
+            data += [(name, arr.shape, arr) for name, arr in m.tensors(src)]
+            if factor is not None and isinstance(m, Moments):
+                data.append((src + FACTOR, m.blocks.shape, lambda m=m: factor(m)))
+        if factor is not None:
+            g.add_key_value(KEY_FACTOR, [float(v) for v in settings], V.ARRAY, V.FLOAT64)  # read back exactly
+        for name, shape, _ in data:
+            w.add_tensor_info(name, tuple(reversed(shape)), T.F32, 4 * int(np.prod(shape)))
         w.begin_data()
-        for _, arr in data:
-            w.write_tensor(arr)
+        for _, shape, arr in data:
+            w.write_tensor(np.ascontiguousarray((arr() if callable(arr) else arr).reshape(shape), np.float32))
         return w.commit()[0]
     except BaseException:
         w.abort()

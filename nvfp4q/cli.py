@@ -12,6 +12,10 @@ import typer
 
 from nvfp4q.errors import UserError, VerifyFailed
 
+# Before numpy loads: OpenBLAS on one thread, whatever the environment says, as its threads can
+# change a product's bits (nvfp4q/matmul.py splits the products that cost among nvfp4q's own)
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Requantize f16/bf16/f32 GGUF models to NVFP4 for stock llama.cpp, and inspect the result.",
@@ -123,15 +127,9 @@ def quantize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List tensors without imatrix data.")] = False,
 ) -> None:
     """Quantize SRC into OUT: 2D weights to NVFP4, embeddings and output to Q8_0."""
-    # Before numpy loads: the --calibration factors' products use the run's threads (their bits do
-    # not depend on it), which sleep as soon as a product ends: spinning on, as OpenBLAS's threads
-    # do by default, they slowed the Numba kernels beside them (SmolLM2: 10.0-10.5 s, one thread
-    # 7.0-7.6 s, two that sleep 6.6-7.4 s; the same bytes)
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(threads or os.cpu_count() or 1))
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles, OpenBLAS's shortest
-    # and the other way round: the --calibration kernels' OpenMP threads spun on after each one,
-    # beside the products that come next (SmolLM2, medians of 4: 8.0 s, sleeping at once 6.9 s);
-    # the default's kernels run on a pool of Python threads (docs/kernels.md), untouched
+    # Before numpy loads: the --calibration kernels' OpenMP threads spun on after each one, beside
+    # the products that come next (SmolLM2, medians of 4: 8.0 s, sleeping at once 6.9 s); the
+    # default's kernels run on a pool of Python threads (docs/kernels.md), untouched
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from nvfp4q import report
     from nvfp4q.global_scale import MODES

@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from nvfp4q.kernels import (KVALUES, MAGS, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _decode_nvfp4, _load, _nearest,
                             _source)
+from nvfp4q.matmul import matmul
 
 
 def _gaps() -> tuple[np.ndarray, np.ndarray]:
@@ -38,9 +39,8 @@ PASSES = 3  # over every column (--passes); the output error falls 2.1%, 2.7%, 2
 def descend(x: np.ndarray, mult, out: np.ndarray, h: np.ndarray, passes: int = PASSES) -> None:
     """Improve the NVFP4 rows in out (uint8 [rows, nbytes], their nibbles rewritten in place) of
     the source rows x times mult (as rounding.quantize_nvfp4's) under H, per diagonal block h's
-    blocks (float32 [n_blocks, band, band]). The first gradients are BLAS products (which never
-    split the summed dimension: the bits do not depend on the thread count); rows are then
-    independent."""
+    blocks (float32 [n_blocks, band, band]). The first gradients are matmul()'s, whose bits do not
+    depend on the thread count; rows are then independent."""
     if passes <= 0:
         return
     q = np.empty((out.shape[0], out.shape[1] // NVFP4_BYTES * NVFP4_BLOCK), np.float32)
@@ -50,7 +50,7 @@ def descend(x: np.ndarray, mult, out: np.ndarray, h: np.ndarray, passes: int = P
     g = np.empty_like(e)
     for b0 in range(0, e.shape[1], band):
         n = min(band, e.shape[1] - b0)
-        g[:, b0:b0 + n] = e[:, b0:b0 + n] @ h[b0 // band, :n, :n]
+        g[:, b0:b0 + n] = matmul(e[:, b0:b0 + n], h[b0 // band, :n, :n])
     _descend(q, g, h, np.ascontiguousarray(np.diagonal(h, axis1=1, axis2=2)), out, passes)
 
 

@@ -196,6 +196,8 @@ def _imatrix_doc(path: Path, header: gguf_header.Header | None, pattern, meta: b
             "tokens": int(max((m.count for m in cal.moments.values()), default=0)),
             "banded_inputs": [n for n, m in cal.moments.items() if isinstance(m, Moments) and not m.whole],
             "sketched_inputs": sketched,
+            "factored_inputs": sorted(cal.factors),
+            "factor_settings": None if cal.factor_settings is None else dict(zip(("damp", "shrink"), cal.factor_settings)),
         }
     if pattern is not None:
         doc["entries"] = [

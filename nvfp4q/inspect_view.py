@@ -131,6 +131,8 @@ def _imatrix(console: Console, doc: dict) -> None:
             ("band", c["band"]),
             ("banded", ", ".join(c["banded_inputs"]) or "none"),
             ("sketched", ", ".join(c["sketched_inputs"]) or "none"),
+            ("rounding factors", f"{len(c['factored_inputs'])} inputs, for --damp {c['factor_settings']['damp']:g} "
+                                 f"--shrink {c['factor_settings']['shrink']:g}" if c["factor_settings"] else "none"),
         ])
     if "entries" in doc:
         _table(console, "entries", "name length matrices unseen min max", (

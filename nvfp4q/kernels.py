@@ -395,7 +395,7 @@ def _row_weights(x, importance, weighting, w):
 
 
 @lru_cache(maxsize=1)
-def _pool(threads: int) -> ThreadPoolExecutor:
+def pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="nvfp4q")
 
 
@@ -411,7 +411,7 @@ def over_rows(kernel, rows: int, *args) -> None:
     if threads == 1 or rows <= step:
         kernel(*args, 0, rows)
         return
-    for task in [_pool(threads).submit(kernel, *args, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]:
+    for task in [pool(threads).submit(kernel, *args, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]:
         task.result()
 
 

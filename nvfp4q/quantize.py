@@ -315,7 +315,8 @@ def _rounding(job: Job, step: Step, s: Settings) -> tuple | None:
                 u, *low = rounding.low_rank(m, s.rank, s.damp, s.shrink)
             else:
                 h = rounding.covariance(m, s.damp, s.shrink)
-                u = rounding.inverse_factor(h)
+                u = job.calib.stored_factor(src, s.damp, s.shrink)
+                u = rounding.inverse_factor(h) if u is None else u
         except ValueError as e:
             raise UserError(f"{job.calib.path}: {src}: {e}") from None
         if len(job.rounding_of) >= ROUNDING_CACHE:  # tensors come sorted by name, a layer's inputs interleave

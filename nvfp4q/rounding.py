@@ -24,6 +24,7 @@ from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.kernels import (EXACT_RATIO, KVALUES, LANES, MAX_CODE, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES,
                             _cols, _load, _nearest, _nibble_value, _output, _row_weights, _source, _tabulate,
                             lane_scratch, scale_encode, search_codes)
+from nvfp4q.matmul import matmul
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: GPTQ's usual dampening
 # The off-diagonal of H is multiplied by 1 - SHRINK: correlations measured on the calibration text
@@ -119,19 +120,18 @@ def _damping(m: Moments, damp: float) -> float:
 def _cholesky_inverse(h: np.ndarray) -> np.ndarray:
     """L^-1 for a symmetric positive definite h = L L^T, by halves, so that the work is matrix
     products: with [[A, B^T], [B, C]] = L L^T, L's lower-left block is B A_L^-T and its lower-right
-    block the factor of C - (B A_L^-T)(B A_L^-T)^T; L itself is never needed. LAPACK's own
-    Cholesky gives other bits with another thread count, BLAS's products do not (they never
-    split the summed dimension)."""
+    block the factor of C - (B A_L^-T)(B A_L^-T)^T; L itself is never needed. The products
+    are matmul()'s, whose bits do not depend on the thread count (LAPACK's Cholesky's do)."""
     n = h.shape[0]
     if n <= 64:
         return _small_cholesky_inverse(h)
     k = n // 2
     i11 = _cholesky_inverse(h[:k, :k])
-    l21 = h[k:, :k] @ i11.T
-    i22 = _cholesky_inverse(h[k:, k:] - l21 @ l21.T)
+    l21 = matmul(h[k:, :k], i11.T)
+    i22 = _cholesky_inverse(h[k:, k:] - matmul(l21, l21.T))
     inv = np.empty_like(h)
     inv[:k, :k], inv[:k, k:], inv[k:, k:] = i11, 0, i22
-    inv[k:, :k] = -(i22 @ (l21 @ i11))
+    inv[k:, :k] = -matmul(i22, matmul(l21, i11))
     return inv
 
 
@@ -233,11 +233,9 @@ def _psd_cholesky(a):
 
 
 def _orthonormal(y: np.ndarray) -> np.ndarray:
-    """y's columns made orthonormal (Cholesky QR, twice); lacking directions become zero. The
-    products are BLAS's, which splits their rows and columns among its threads, never the summed
-    dimension: the bits do not depend on the thread count (tested)."""
+    """y's columns made orthonormal (Cholesky QR, twice); lacking directions become zero."""
     for _ in range(2):
-        y = y @ _solver(_psd_cholesky(y.T @ y))
+        y = matmul(y, _solver(_psd_cholesky(y.T @ y)))
     return y
 
 

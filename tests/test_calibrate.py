@@ -253,6 +253,42 @@ def test_calibration_shrunk_to_its_diagonal_gives_the_imatrix_search_bytes(calib
     assert all(np.array_equal(ps[n].data, ds[n].data) for n in ps)
 
 
+def test_calibrate_stores_the_roundings_own_factors(calibrated):
+    from nvfp4q import rounding
+
+    cal = calibration.load(calibrated[2])
+    assert cal.factor_settings == (rounding.DAMP, rounding.SHRINK)
+    whole = {src for src, m in cal.moments.items() if isinstance(m, calibration.Moments)}
+    assert whole and set(cal.factors) == whole
+    for src in whole:
+        assert cal.factors[src].tobytes() == rounding.factor(cal.moments[src]).tobytes(), src
+
+
+def test_quantize_takes_a_stored_factor_only_for_its_settings(calibrated, tmp_path):
+    """Each stored U replaced by the identity (a valid U that moves no error): with the settings it
+    was stored for the output changes, so it is read; with another --damp both files give the
+    bytes of U made afresh."""
+    from nvfp4q import gguf_header
+
+    src, _, cal_path, _ = calibrated
+    data = bytearray(cal_path.read_bytes())
+    for t in gguf_header.read(cal_path).tensors:
+        if t.name.endswith(calibration.FACTOR):
+            band, blocks = int(t.shape[0]), int(t.shape[2])
+            data[t.offset:t.offset + t.nbytes] = np.tile(np.eye(band, dtype=np.float32), (blocks, 1, 1)).tobytes()
+    plain = tmp_path / "plain.cal.gguf"
+    plain.write_bytes(bytes(data))
+    outs = {}
+    for name, cal in (("stored", cal_path), ("identity", plain)):
+        for opts in ((), ("--damp", 0.02)):
+            outs[name, opts] = tmp_path / f"{name}{len(opts)}.gguf"
+            run_cli("quantize", src, outs[name, opts], "--calibration", cal, *opts, "-q", check=True)
+    data = {k: {n: t.data.tobytes() for n, t in tensors(path).items()} for k, path in outs.items()}
+    assert data["stored", ()] != data["identity", ()]
+    damped = ("--damp", 0.02)
+    assert data["stored", damped] == data["identity", damped]  # the metadata differs: it names the file
+
+
 def test_same_bytes_whatever_the_thread_counts(calibrated, tmp_path):
     src, _, cal_path, _ = calibrated
     outs = []
@@ -289,7 +325,8 @@ def test_non_finite_covariances_and_sketches_fail_in_one_line(calibrated, sketch
     from nvfp4q import gguf_header
 
     src = calibrated[0]
-    for path, suffix in ((calibrated[2], ".xtx"), (sketched[16], ".sketch"), (sketched[16], ".diag")):
+    for path, suffix in ((calibrated[2], ".xtx"), (calibrated[2], ".u"), (sketched[16], ".sketch"),
+                         (sketched[16], ".diag")):
         t = next(t for t in gguf_header.read(path).tensors if t.name.endswith(suffix))
         data = bytearray(path.read_bytes())
         data[t.offset + 4 * 7:t.offset + 4 * 8] = np.float32(np.nan).tobytes()
@@ -343,14 +380,17 @@ def test_calibrate_refuses_bad_input_in_one_line(calibrated, tmp_path):
 def test_inspect_shows_a_calibration_file(calibrated):
     _, _, cal_path, doc = calibrated
     got = json.loads(run_cli("inspect", cal_path, "--json", "--tensors", "blk.0.attn", check=True).stdout)
+    from nvfp4q import rounding
+
     assert got["kind"] == "imatrix" and got["calibration"] == {
         "band": 4096, "weights": doc["weights"], "inputs": doc["inputs"], "tokens": doc["tokens"], "banded_inputs": [],
-        "sketched_inputs": []}
+        "sketched_inputs": [], "factored_inputs": sorted(calibration.load(cal_path).moments),
+        "factor_settings": {"damp": rounding.DAMP, "shrink": rounding.SHRINK}}
     k = next(e for e in got["entries"] if e["name"] == "blk.0.attn_k.weight")
     assert k["covariance_of"] == "blk.0.attn_q.weight" and k["width"] == 128 and k["offband_share"] == 0
     assert k["band"] == 128 and k["sketch"] is None
     table = run_cli("inspect", cal_path, check=True).stdout
-    assert "calibration" in table and "sketched" in table
+    assert "calibration" in table and "sketched" in table and "--damp 0.01 --shrink 0.5" in table
 
 
 @pytest.mark.parametrize("phase", ["collecting", "writing"])

@@ -220,7 +220,7 @@ def test_the_feedback_budget_moves_the_costliest_inputs_to_low_rank_whole_groups
 
 
 FACTOR_HASH = """
-import hashlib, sys, numpy as np
+import hashlib, sys, numpy as np  # numpy first: OpenBLAS starts on OPENBLAS_NUM_THREADS threads
 sys.path[:0] = sys.argv[1:]
 from test_rounding import correlated, moments
 from nvfp4q import rounding
@@ -237,14 +237,15 @@ print(*(hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
 """
 
 
-def test_factor_bits_do_not_depend_on_openblas_threads():
-    """quantize lets OpenBLAS use the run's threads: a factor (whole, low-rank, or low-rank from a
-    sketch) wide enough for them to split its products, and a rounding that ends in descent's
-    first gradients (BLAS products too), must come out the same bits as on one."""
+def test_factor_bits_do_not_depend_on_the_thread_count():
+    """A factor (whole, low-rank, or low-rank from a sketch) wide enough for its products to be
+    split, and a rounding that ends in descent's first gradients (products too), come out the same
+    bits on 1, 2 or 3 threads, whatever OPENBLAS_NUM_THREADS says (nvfp4q.matmul sets it to 1 on
+    loading: on some CPUs OpenBLAS's threads change the bits)."""
     here = Path(__file__).parent
     hashes = set()
     for n in (1, 2, 3):
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n)}
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(n), "NUMBA_NUM_THREADS": str(n)}
         proc = subprocess.run([sys.executable, "-c", FACTOR_HASH, str(here), str(here.parent)], env=env,
                               capture_output=True, text=True, check=True)
         hashes.add(proc.stdout.strip())

@@ -1,0 +1,51 @@
+"""Matrix products with the same bits for any thread count.
+
+OpenBLAS's own threads change a product's summation order on some CPUs (measured on an AMD EPYC
+with its Haswell kernels: one thread against two, from 96 x 96 up; earlier machines kept them), so it runs on one
+thread (set here once loaded, and by cli.py before it loads, where /proc is missing) and the
+products that cost split their rows here instead: chunks fixed by the shape alone, one BLAS
+call each, on the kernels' pool (BLAS releases the GIL).
+"""
+
+import ctypes
+
+import numba
+import numpy as np
+
+from nvfp4q.kernels import pool
+
+CHUNKS = 8  # per product: enough to keep a few threads busy
+MIN_ROWS = 32  # per chunk: below this a call's overhead outweighs its work
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b, its rows in chunks that depend on a's shape only."""
+    rows = a.shape[0]
+    out = np.empty((rows, b.shape[1]), np.result_type(a, b))
+    step = max(MIN_ROWS, -(-rows // CHUNKS))
+    threads = numba.get_num_threads()
+    if threads == 1 or rows <= step:
+        for r in range(0, rows, step):
+            np.matmul(a[r:r + step], b, out=out[r:r + step])
+        return out
+    for task in [pool(threads).submit(np.matmul, a[r:r + step], b, out=out[r:r + step])
+                 for r in range(0, rows, step)]:
+        task.result()
+    return out
+
+
+def _one_blas_thread() -> None:
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+
+
+_one_blas_thread()
