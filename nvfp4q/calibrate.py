@@ -15,14 +15,16 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from nvfp4q import calibration, evaluation, rounding, synthetic
+from nvfp4q import calibration, evaluation, gguf_io, rounding, synthetic
 from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.errors import UserError
 from nvfp4q.matmul import matmul
+from nvfp4q.plan import Options, make_plan, nvfp4_weights
 from nvfp4q.units import human_bytes
 
 MIN_ROWS = 16  # llama-imatrix skips smaller batches (its `ask` test)
@@ -335,11 +337,25 @@ def calibrate(model: Path, text_path: Path | None, out: Path, chunks: int | None
     diag |= {n: (d.sums.astype(np.float32), d.counts.astype(np.float32)) for n, d in collector.diag.items()}
     moments = {n: m.sketch() if isinstance(m, _Nystrom) else m for n, m in ms.items()}
     datasets = ([Path(text_path).name] if text_path else []) + ([f"{synthetic.DATASET}, seed {seed}"] if generate else [])
+    factors = {src: partial(_factor, moments[src]) for src in _whole(model, collector.sources, moments)}
     path = calibration.write(out, moments, collector.sources, diag, datasets, n_chunks, ctx, band,
-                             _factor, (rounding.DAMP, rounding.SHRINK))
+                             factors, (rounding.DAMP, rounding.SHRINK))
     return Summary(path, n_chunks, n_chunks * ctx, seconds, _bytes(collector), len(moments), len(diag),
                    [n for n, m in moments.items() if isinstance(m, Moments) and not m.whole],
                    [n for n, m in moments.items() if isinstance(m, Sketch)], len(written), generating)
+
+
+def _whole(model: Path, sources: dict[str, str], moments: dict) -> list[str]:
+    """The inputs that quantize's defaults round NVFP4 weights through with their whole covariance."""
+    m = gguf_io.open_model(model)
+    try:
+        plan = make_plan([t.info for t in m.tensors], m.arch, Options())
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    weights = nvfp4_weights(plan)
+    read = {sources[name] for name, n in weights if n and name in sources}
+    low = rounding.model_low_rank(weights, sources, moments, rounding.RANK)
+    return [src for src in sorted(read - low) if isinstance(moments[src], Moments)]
 
 
 def _factor(m: Moments) -> np.ndarray:

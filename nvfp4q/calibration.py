@@ -215,10 +215,10 @@ def _counts(path: Path, h: gguf_header.Header, tensors: dict, src: str) -> float
 
 def write(out: Path, moments: dict[str, Moments | Sketch], sources: dict[str, str], diag: dict[str, tuple],
           datasets: list[str], chunks: int, ctx: int, band: int,
-          factor: Callable[[Moments], np.ndarray] | None = None, settings: tuple[float, float] = (0.0, 0.0)) -> Path:
+          factors: dict[str, Callable[[], np.ndarray]] | None = None, settings: tuple[float, float] = (0.0, 0.0)) -> Path:
     """diag: weight -> (in_sum2 [n_mat, width], counts [n_mat]) for every weight seen, experts too.
-    factor: with it, each Moments input's U for settings (damp, shrink) is stored too, made as it is
-    written (one at a time in memory), so that quantize need not make it again."""
+    factors: by source, what makes its U for settings (damp, shrink), made as it is written (one
+    at a time in memory), so that quantize need not make it again."""
     w = gguf_io.Writer(out, "", gguf_header.DEFAULT_ALIGNMENT)
     g = w.gguf
     g.kv_data[0].pop("general.architecture", None)  # an imatrix has none
@@ -236,11 +236,10 @@ def write(out: Path, moments: dict[str, Moments | Sketch], sources: dict[str, st
         for name, (sums, counts) in diag.items():
             data += [(name + imatrix.SUM2, sums.shape, sums), (name + imatrix.COUNTS, (counts.size, 1), counts)]
         for src in dict.fromkeys(sources.values()):
-            m = moments[src]
-            data += [(name, arr.shape, arr) for name, arr in m.tensors(src)]
-            if factor is not None and isinstance(m, Moments):
-                data.append((src + FACTOR, m.blocks.shape, lambda m=m: factor(m)))
-        if factor is not None:
+            data += [(name, arr.shape, arr) for name, arr in moments[src].tensors(src)]
+            if factors and src in factors:
+                data.append((src + FACTOR, moments[src].blocks.shape, factors[src]))
+        if factors:
             g.add_key_value(KEY_FACTOR, [float(v) for v in settings], V.ARRAY, V.FLOAT64)  # read back exactly
         for name, shape, _ in data:
             w.add_tensor_info(name, tuple(reversed(shape)), T.F32, 4 * int(np.prod(shape)))

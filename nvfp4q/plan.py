@@ -4,6 +4,7 @@ A pure function of tensor metadata and options, so that `--dry-run` and the real
 run agree by construction and every rule is testable without files.
 """
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -210,6 +211,11 @@ def make_plan(tensors: list[TensorInfo], arch: str, opts: Options) -> list[Step]
     names = {t.name for t in tensors}
     plan = [plan_tensor(t, arch, opts, t.name.removesuffix(".weight") + ".bias" in names) for t in tensors]
     return _rescale(plan, arch, opts)
+
+
+def nvfp4_weights(plan: list[Step]) -> list[tuple[str, int]]:
+    """Each tensor's name and its number of NVFP4 weights (0 when it is not NVFP4)."""
+    return [(s.tensor.name, math.prod(s.tensor.shape) if s.type == T.NVFP4 else 0) for s in plan]
 
 
 def file_type_of(plan: list[Step]) -> int:

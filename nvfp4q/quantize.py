@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 
 from nvfp4q import allocate, calibration, codecs, damage, descent, global_scale, gguf_io, imatrix, kernels, rounding
 from nvfp4q.errors import UserError
-from nvfp4q.plan import Options, Step, TensorInfo, file_type_of, make_plan
+from nvfp4q.plan import Options, Step, TensorInfo, file_type_of, make_plan, nvfp4_weights
 
 # Error weights (--weighting): the imatrix value (the default: the upstream method's); the
 # imatrix value plus a tenth of its mean over the tensor, so that columns the calibration text
@@ -142,15 +142,7 @@ def _low_rank(plan: list[Step], calib: calibration.Calibration | None, s: Settin
     """The calibrated inputs whose feedback goes through a low-rank covariance, for the whole model."""
     if calib is None or not s.feedback:
         return set()
-    inputs, total = {}, 0
-    for step in plan:
-        src = calib.sources.get(step.tensor.name)
-        n = int(np.prod(step.tensor.shape)) if step.type == T.NVFP4 else 0
-        total += n
-        if n and src is not None:
-            m, before = inputs.get(src, (calib.moments[src], 0))
-            inputs[src] = (m, before + n)
-    return rounding.low_rank_inputs(inputs, s.rank, total)
+    return rounding.model_low_rank(nvfp4_weights(plan), calib.sources, calib.moments, s.rank)
 
 
 def _entry(calib: calibration.Calibration | None, imat: imatrix.Imatrix | None, t: TensorInfo,

@@ -72,6 +72,19 @@ def low_rank_inputs(inputs: dict[str, tuple[Moments | Sketch, int]], rank: int, 
     return low
 
 
+def model_low_rank(weights: list[tuple[str, int]], sources: dict[str, str], moments: dict, rank: int) -> set[str]:
+    """low_rank_inputs() for a whole model: weights are each tensor's (name, NVFP4 weights, 0 if
+    it is not NVFP4), sources and moments as a calibration file's."""
+    inputs, total = {}, 0
+    for name, n in weights:
+        total += n
+        src = sources.get(name)
+        if n and src is not None:
+            m, before = inputs.get(src, (moments[src], 0))
+            inputs[src] = (m, before + n)
+    return low_rank_inputs(inputs, rank, total)
+
+
 def covariance(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray:
     """float32 [n_blocks, band, band]: per diagonal block, the H that the rounding minimises the
     error through, X^T X / count with its off-diagonal times 1 - shrink and damp * mean(diag)

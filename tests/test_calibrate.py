@@ -253,12 +253,16 @@ def test_calibration_shrunk_to_its_diagonal_gives_the_imatrix_search_bytes(calib
     assert all(np.array_equal(ps[n].data, ds[n].data) for n in ps)
 
 
-def test_calibrate_stores_the_roundings_own_factors(calibrated):
+def test_calibrate_stores_the_roundings_own_factors(calibrated, tmp_path):
+    """For the inputs that quantize's defaults round through the whole covariance, and only those."""
     from nvfp4q import rounding
 
-    cal = calibration.load(calibrated[2])
+    src, _, cal_path, _ = calibrated
+    cal = calibration.load(cal_path)
     assert cal.factor_settings == (rounding.DAMP, rounding.SHRINK)
-    whole = {src for src, m in cal.moments.items() if isinstance(m, calibration.Moments)}
+    doc = json.loads(run_cli("quantize", src, tmp_path / "dry.gguf", "--calibration", cal_path, "--dry-run", "--json",
+                             check=True).stdout)
+    whole = set(doc["feedback"]["whole"])
     assert whole and set(cal.factors) == whole
     for src in whole:
         assert cal.factors[src].tobytes() == rounding.factor(cal.moments[src]).tobytes(), src
@@ -384,7 +388,7 @@ def test_inspect_shows_a_calibration_file(calibrated):
 
     assert got["kind"] == "imatrix" and got["calibration"] == {
         "band": 4096, "weights": doc["weights"], "inputs": doc["inputs"], "tokens": doc["tokens"], "banded_inputs": [],
-        "sketched_inputs": [], "factored_inputs": sorted(calibration.load(cal_path).moments),
+        "sketched_inputs": [], "factored_inputs": sorted(calibration.load(cal_path).factors),
         "factor_settings": {"damp": rounding.DAMP, "shrink": rounding.SHRINK}}
     k = next(e for e in got["entries"] if e["name"] == "blk.0.attn_k.weight")
     assert k["covariance_of"] == "blk.0.attn_q.weight" and k["width"] == 128 and k["offband_share"] == 0
