@@ -1,10 +1,10 @@
 """Matrix products with the same bits for any thread count.
 
 OpenBLAS's own threads change a product's summation order on some CPUs (measured on an AMD EPYC
-with its Haswell kernels: one thread against two, from 96 x 96 up; earlier machines kept them), so it runs on one
-thread (set here once loaded, and by cli.py before it loads, where /proc is missing) and the
-products that cost split their rows here instead: chunks fixed by the shape alone, one BLAS
-call each, on the kernels' pool (BLAS releases the GIL).
+with its Haswell kernels: one thread against two, from 96 x 96 up; earlier machines kept them),
+so it runs on one thread (set here once loaded, and by cli.py before it loads, where /proc is
+missing) and the products that cost split their rows here instead: chunks fixed by the shape
+alone, one BLAS call each, on the kernels' pool (BLAS releases the GIL).
 """
 
 import ctypes

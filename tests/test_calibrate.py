@@ -264,8 +264,8 @@ def test_calibrate_stores_the_roundings_own_factors(calibrated, tmp_path):
                              check=True).stdout)
     whole = set(doc["feedback"]["whole"])
     assert whole and set(cal.factors) == whole
-    for src in whole:
-        assert cal.factors[src].tobytes() == rounding.factor(cal.moments[src]).tobytes(), src
+    for name in whole:
+        assert cal.factors[name].tobytes() == rounding.factor(cal.moments[name]).tobytes(), name
 
 
 def test_quantize_takes_a_stored_factor_only_for_its_settings(calibrated, tmp_path):
