@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from nvfp4q.kernels import (KVALUES, MAGS, NVFP4_BLOCK, NVFP4_BYTES, NVFP4_SUB, SCALES, _decode_nvfp4, _load, _nearest,
-                            _source)
+                            _nibble, _source)
 from nvfp4q.matmul import matmul
 
 
@@ -95,18 +95,16 @@ def _store(out, r, j, k):
 @njit(cache=True, inline="always")
 def _thresholds(out, r, b0, hd, d, up, down):
     """Per element of row r from column b0 (a block's first): its scale d, and up / down, what
-    -g_j / g_j must reach for a move up / down to lower the error (_limits). Read block by block:
-    each sub-block's scale once, each byte's two nibbles (kernels._nibble's places)."""
+    -g_j / g_j must reach for a move up / down to lower the error (_limits). Read block by block,
+    each sub-block's scale once."""
     for c0 in range(0, d.shape[0], NVFP4_BLOCK):
         ib = (b0 + c0) // NVFP4_BLOCK * NVFP4_BYTES
         for s in range(NVFP4_BLOCK // NVFP4_SUB):
             ds = SCALES[out[r, ib + s]]
-            c = c0 + s * NVFP4_SUB
-            for i in range(NVFP4_SUB // 2):
-                q = out[r, ib + 4 + s * 8 + i]
-                d[c + i] = d[c + i + 8] = ds
-                _limits(q & 15, ds, hd[c + i], up, down, c + i)
-                _limits(q >> 4, ds, hd[c + i + 8], up, down, c + i + 8)
+            for i in range(NVFP4_SUB):
+                c = c0 + s * NVFP4_SUB + i
+                d[c] = ds
+                _limits(_nibble(out, r, ib, s, i), ds, hd[c], up, down, c)
 
 
 @njit(cache=True, inline="always")
