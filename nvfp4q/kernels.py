@@ -395,7 +395,7 @@ def _row_weights(x, importance, weighting, w):
 
 
 @lru_cache(maxsize=1)
-def pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="nvfp4q")
 
 
@@ -407,11 +407,19 @@ def over_rows(kernel, rows: int, *args) -> None:
     took longer to compile than the kernel it ran.
     """
     threads = numba.get_num_threads()
-    step = max(ROWS_PER_TASK, -(-rows // (TASKS_PER_THREAD * threads)))
+    step = max(rows, 1) if threads == 1 else max(ROWS_PER_TASK, -(-rows // (TASKS_PER_THREAD * threads)))
+    over_chunks(kernel, rows, step, *args)
+
+
+def over_chunks(kernel, rows: int, step: int, *args) -> None:
+    """kernel(*args, r0, r1) over rows [0, rows) in chunks of step rows, as tasks on the pool when
+    there are several and more than one thread, else one after the other."""
+    threads = numba.get_num_threads()
     if threads == 1 or rows <= step:
-        kernel(*args, 0, rows)
+        for r0 in range(0, rows, step):
+            kernel(*args, r0, min(rows, r0 + step))
         return
-    for task in [pool(threads).submit(kernel, *args, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]:
+    for task in [_pool(threads).submit(kernel, *args, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]:
         task.result()
 
 

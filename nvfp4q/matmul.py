@@ -9,10 +9,9 @@ alone, one BLAS call each, on the kernels' pool (BLAS releases the GIL).
 
 import ctypes
 
-import numba
 import numpy as np
 
-from nvfp4q.kernels import pool
+from nvfp4q.kernels import over_chunks
 
 CHUNKS = 8  # per product: enough to keep a few threads busy
 MIN_ROWS = 32  # per chunk: below this a call's overhead outweighs its work
@@ -27,15 +26,12 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out = np.empty((rows, b.shape[1]), np.result_type(a, b))
     split = rows * a.shape[1] * b.shape[1] >= MIN_SPLIT
     step = max(MIN_ROWS, -(-rows // CHUNKS)) if split else max(rows, 1)
-    threads = numba.get_num_threads()
-    if threads == 1 or rows <= step:
-        for r in range(0, rows, step):
-            np.matmul(a[r:r + step], b, out=out[r:r + step])
-        return out
-    for task in [pool(threads).submit(np.matmul, a[r:r + step], b, out=out[r:r + step])
-                 for r in range(0, rows, step)]:
-        task.result()
+    over_chunks(_rows_product, rows, step, a, b, out)
     return out
+
+
+def _rows_product(a, b, out, r0, r1):
+    np.matmul(a[r0:r1], b, out=out[r0:r1])
 
 
 def _one_blas_thread() -> None:
