@@ -353,9 +353,9 @@ def _whole(model: Path, sources: dict[str, str], moments: dict) -> list[str]:
     except ValueError as e:
         raise UserError(str(e)) from None
     weights = nvfp4_weights(plan)
-    read = {sources[name] for name, n in weights if n and name in sources}
     low = rounding.model_low_rank(weights, sources, moments, rounding.RANK)
-    return [src for src in sorted(read - low) if isinstance(moments[src], Moments)]
+    return [src for src in sorted(rounding.nvfp4_inputs(weights, sources).keys() - low)
+            if isinstance(moments[src], Moments)]
 
 
 def _factor(m: Moments) -> np.ndarray:

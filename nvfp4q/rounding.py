@@ -72,17 +72,21 @@ def low_rank_inputs(inputs: dict[str, tuple[Moments | Sketch, int]], rank: int, 
     return low
 
 
-def model_low_rank(weights: list[tuple[str, int]], sources: dict[str, str], moments: dict, rank: int) -> set[str]:
-    """low_rank_inputs() for a whole model: weights are each tensor's (name, NVFP4 weights, 0 if
-    it is not NVFP4), sources and moments as a calibration file's."""
-    inputs, total = {}, 0
+def nvfp4_inputs(weights: list[tuple[str, int]], sources: dict[str, str]) -> dict[str, int]:
+    """The calibrated inputs that NVFP4 weights read, with how many weights read each: weights are
+    each tensor's (name, NVFP4 weights, 0 if it is not NVFP4), sources a calibration file's."""
+    inputs: dict[str, int] = {}
     for name, n in weights:
-        total += n
         src = sources.get(name)
         if n and src is not None:
-            m, before = inputs.get(src, (moments[src], 0))
-            inputs[src] = (m, before + n)
-    return low_rank_inputs(inputs, rank, total)
+            inputs[src] = inputs.get(src, 0) + n
+    return inputs
+
+
+def model_low_rank(weights: list[tuple[str, int]], sources: dict[str, str], moments: dict, rank: int) -> set[str]:
+    """low_rank_inputs() for a whole model (arguments as nvfp4_inputs(), moments a calibration file's)."""
+    inputs = {src: (moments[src], n) for src, n in nvfp4_inputs(weights, sources).items()}
+    return low_rank_inputs(inputs, rank, sum(n for _, n in weights))
 
 
 def covariance(m: Moments, damp: float = DAMP, shrink: float = SHRINK) -> np.ndarray:
