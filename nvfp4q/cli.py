@@ -134,7 +134,8 @@ def quantize(
     from nvfp4q import report
     from nvfp4q.global_scale import MODES
     from nvfp4q.plan import FLOAT_SOURCES, Options, parse_tensor_type
-    from nvfp4q.quantize import SCALE_CHOICES, WEIGHTINGS, Settings, prepare, run
+    from nvfp4q.convert import SCALE_CHOICES, WEIGHTINGS
+    from nvfp4q.quantize import Settings, prepare, run
     from nvfp4q.units import parse_size
 
     try:

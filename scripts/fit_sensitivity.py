@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 from nvfp4q import damage, gguf_header, gguf_io, imatrix, plan
-from nvfp4q.quantize import Settings, tensor_errors
+from nvfp4q.convert import tensor_errors
+from nvfp4q.quantize import Settings
 
 
 def relative_errors(model_path: Path, imatrix_path: Path) -> dict[str, dict[str, float]]:
