@@ -382,10 +382,10 @@ def test_calibrate_refuses_bad_input_in_one_line(calibrated, tmp_path):
 
 
 def test_inspect_shows_a_calibration_file(calibrated):
-    _, _, cal_path, doc = calibrated
-    got = json.loads(run_cli("inspect", cal_path, "--json", "--tensors", "blk.0.attn", check=True).stdout)
     from nvfp4q import rounding
 
+    _, _, cal_path, doc = calibrated
+    got = json.loads(run_cli("inspect", cal_path, "--json", "--tensors", "blk.0.attn", check=True).stdout)
     assert got["kind"] == "imatrix" and got["calibration"] == {
         "band": 4096, "weights": doc["weights"], "inputs": doc["inputs"], "tokens": doc["tokens"], "banded_inputs": [],
         "sketched_inputs": [], "factored_inputs": sorted(calibration.load(cal_path).factors),
