@@ -24,7 +24,8 @@ from nvfp4q import calibration, evaluation, gguf_io, rounding, synthetic
 from nvfp4q.calibration import Moments, Sketch
 from nvfp4q.errors import UserError
 from nvfp4q.matmul import matmul
-from nvfp4q.plan import Options, make_plan, nvfp4_weights
+from nvfp4q.plan import Options, nvfp4_weights
+from nvfp4q.quantize import check_paths, model_plan
 from nvfp4q.units import human_bytes
 
 MIN_ROWS = 16  # llama-imatrix skips smaller batches (its `ask` test)
@@ -347,12 +348,7 @@ def calibrate(model: Path, text_path: Path | None, out: Path, chunks: int | None
 
 def _whole(model: Path, sources: dict[str, str], moments: dict) -> list[str]:
     """The inputs that quantize's defaults round NVFP4 weights through with their whole covariance."""
-    m = gguf_io.open_model(model)
-    try:
-        plan = make_plan([t.info for t in m.tensors], m.arch, Options())
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    weights = nvfp4_weights(plan)
+    weights = nvfp4_weights(model_plan(gguf_io.open_model(model), Options()))
     low = rounding.model_low_rank(weights, sources, moments, rounding.RANK)
     return [src for src in sorted(rounding.nvfp4_inputs(weights, sources).keys() - low)
             if isinstance(moments[src], Moments)]
@@ -418,6 +414,4 @@ def render(doc: dict) -> None:
 
 
 def _check_out(model: Path, out: Path, overwrite: bool) -> None:
-    from nvfp4q.quantize import check_paths
-
     check_paths([model] if model.exists() else [], [out], overwrite)

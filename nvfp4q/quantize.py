@@ -84,6 +84,14 @@ def _wants_importance(name: str, s: Settings) -> bool:
     return not any(p in name for p in s.exclude_weights)
 
 
+def model_plan(model: gguf_io.Model, opts: Options) -> list[Step]:
+    """make_plan for a model's tensors, an option that does not fit them as the user's error."""
+    try:
+        return make_plan([t.info for t in model.tensors], model.arch, opts)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def prepare(src: Path, opts: Options, s: Settings) -> Job:
     """Open and check everything before a byte is written: a bad input fails early and clean."""
     if s.include_weights and s.exclude_weights:
@@ -93,10 +101,7 @@ def prepare(src: Path, opts: Options, s: Settings) -> Job:
     if s.calibration is None and (s.scales != "search" or not s.feedback):
         raise UserError("--scales local and --no-error-feedback need --calibration")
     model = gguf_io.open_model(src)
-    try:
-        plan = make_plan([t.info for t in model.tensors], model.arch, opts)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    plan = model_plan(model, opts)
     for step, t in zip(plan, model.tensors):
         if step.converts:
             gguf_io.check_convertible(t, s.allow_requantize)
